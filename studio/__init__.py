@@ -1,0 +1,1 @@
+"""Gradio front end of the studio: thin tabs that call the engine."""

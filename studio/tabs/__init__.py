@@ -1,0 +1,1 @@
+"""Studio tabs: layout and wiring only."""
