@@ -1,0 +1,299 @@
+"""The adapter contract: config dataclass, the adapted-layer base class and the per-model adapter set with hooks."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import analysis
+
+TARGET_PRESETS = {
+    "attn": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attn+ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
+    "attn+ff+conv": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+                     "conv_shortcut"),
+}
+
+
+def opt(default, help: str, **extra):
+    """A dataclass field carrying help text (and choices/min/max) for the CLI and the studio forms."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class AdapterConfig:
+    """Settings every method shares; each method subclasses it with its own fields."""
+
+    method: ClassVar[str] = "base"
+    rank: int = opt(16, "Adapter rank r (LoRA²: starting/target rank; AC-LoRA, TriLoRA: the maximum rank R).", min=1)
+    alpha: float | None = opt(None, "Scale numerator: the update is multiplied by alpha / rank. Empty = rank (scale 1).")
+    targets: str = opt("attn", "Layers to adapt: a preset (attn, attn+ff, attn+ff+conv) or comma-separated "
+                       "module-name suffixes such as to_q,to_v.", choices=tuple(TARGET_PRESETS))
+    seed: int = opt(0, "Seed of the adapter's initialisation.")
+
+    def __post_init__(self):
+        analysis.check_rank(self.rank)
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0
+                                           and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a positive number or empty, got {self.alpha!r}")
+        if not isinstance(self.targets, str) or not self.target_suffixes():
+            raise ValueError(f"targets must be a preset ({', '.join(TARGET_PRESETS)}) or module-name suffixes, "
+                             f"got {self.targets!r}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and f.name != "targets" and value not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+    def target_suffixes(self) -> tuple[str, ...]:
+        if self.targets in TARGET_PRESETS:
+            return TARGET_PRESETS[self.targets]
+        return tuple(s.strip() for s in self.targets.split(",") if s.strip())
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names - {"method"}
+        if unknown:
+            raise ValueError(f"unknown {cls.method} setting(s): {', '.join(sorted(unknown))}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def field_help(cls) -> dict[str, dict[str, Any]]:
+        """Field name -> {default, help, choices, ...}: what the CLI and studio build their forms from."""
+        return {f.name: {"default": f.default, "type": f.type, **f.metadata} for f in dataclasses.fields(cls)}
+
+
+class AdapterLayer(nn.Module):
+    """A frozen Linear (or 1x1 Conv2d) plus a trainable low-rank update; subclasses define the factors."""
+
+    def __init__(self, base: nn.Module, config: AdapterConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            self.out_features, self.in_features = base.out_features, base.in_features
+            self.is_conv = False
+        elif isinstance(base, nn.Conv2d) and base.kernel_size == (1, 1) and base.groups == 1:
+            self.out_features, self.in_features = base.out_channels, base.in_channels
+            self.is_conv = True
+        else:
+            raise ValueError(f"cannot adapt {type(base).__name__} (only Linear and 1x1 Conv2d layers)")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.config = config
+        self.scale = config.scale
+        self.merged = False
+
+    # --- what every method defines -------------------------------------------------------------
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up d x r, down r x k) with every scale folded in, so that delta_weight() == up @ down."""
+        raise NotImplementedError
+
+    def native_rank(self) -> int:
+        raise NotImplementedError
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        dtype = self.param_dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(dtype)
+        return y + self.adapter_forward(x).to(y.dtype)
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        for p in self._parameters.values():
+            return p.dtype
+        return self.base.weight.dtype
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update dW (d x k) this adapter adds to the frozen weight."""
+        up, down = self.factors()
+        return up @ down
+
+    def effective_rank(self, tau: float = 0.9) -> int:
+        up, down = self.factors()
+        _, s, _ = analysis.cheap_svd(up.detach(), down.detach())
+        return int(analysis.energy_rank(s, tau))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            w = self.base.weight
+            w += self._as_weight(self.delta_weight()).to(w.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            w = self.base.weight
+            w -= self._as_weight(self.delta_weight()).to(w.dtype)
+            self.merged = False
+
+    def _as_weight(self, dw: torch.Tensor) -> torch.Tensor:
+        return dw[:, :, None, None] if self.is_conv else dw
+
+    def lowrank(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """x -> up(down x) for Linear (..., k) or 1x1-conv (N, k, H, W) inputs."""
+        if self.is_conv:
+            return F.conv2d(F.conv2d(x, down[:, :, None, None]), up[:, :, None, None])
+        return F.linear(F.linear(x, down), up)
+
+    def mid(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, down[:, :, None, None]) if self.is_conv else F.linear(x, down)
+
+    def up_proj(self, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(h, up[:, :, None, None]) if self.is_conv else F.linear(h, up)
+
+    def channel_scale(self, h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Multiply the rank channel of h by v: last dim for Linear, dim 1 for conv."""
+        return h * (v[:, None, None] if self.is_conv else v)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, native_rank={self.native_rank()}"
+
+
+class AdapterSet:
+    """All adapted layers of one model for one method, with the hooks the trainer calls.
+
+    The base class implements plain behaviour (no rank schedule, no extra loss); AC-LoRA and LoRA²
+    override `restart`/`before_step`/`extra_loss`.
+    """
+
+    method: ClassVar[str] = "base"
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, layers: dict[str, AdapterLayer]):
+        self.model = model
+        self.config = config
+        self.layers = layers
+
+    # trainer hooks ------------------------------------------------------------------------------------
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
+        return [{"params": self.parameters(), "lr": lr, "weight_decay": weight_decay}]
+
+    def before_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
+        """Called before each forward; LoRA² updates its ranks here. Returns an event dict or None."""
+        return None
+
+    def extra_loss(self) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Additional loss terms after the forward (LoRA²'s regularisers)."""
+        return None, {}
+
+    def restart_due(self, epoch: int, total_epochs: int, step: int, total_steps: int, epoch_end: bool) -> bool:
+        """Whether an AC-LoRA style restart should run now (never for other methods)."""
+        return False
+
+    def restart(self, mean_loss: float, epoch: int, total_epochs: int,
+                optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+        raise NotImplementedError(f"{self.method} has no restart")
+
+    # parameters and state ------------------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers.values() for n, p in layer.named_parameters() if not n.startswith("base.")]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, layer in self.layers.items():
+            for key, t in layer.state_dict().items():
+                if not key.startswith("base."):
+                    out[f"{name}.{key}"] = t.detach().clone()
+        return out
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        expected = set(self.state_dict())
+        missing, unexpected = expected - set(sd), set(sd) - expected
+        if missing or unexpected:
+            raise ValueError(f"adapter state does not match the model: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}")
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                own = {k: v for k, v in layer.state_dict().items() if not k.startswith("base.")}
+                for key, t in own.items():
+                    t.copy_(sd[f"{name}.{key}"])
+        self.after_load()
+
+    def on_remove(self) -> None:
+        """Undo anything the method installed besides the layers (LoRA²'s attention processors)."""
+
+    def after_load(self) -> None:
+        """Recompute derived state (masks, ranks) after loading tensors."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Plain-Python method state to checkpoint beside the tensors (AC-LoRA's kept ranks)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # analysis --------------------------------------------------------------------------------------------
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        with torch.no_grad():
+            return {name: tuple(t.detach().float() for t in layer.factors()) for name, layer in self.layers.items()}
+
+    def spectra(self) -> dict[str, analysis.Spectrum]:
+        return analysis.batched_spectra(self.factors())
+
+    def effective_ranks(self, tau: float = 0.9) -> dict[str, int]:
+        return {n: int(analysis.energy_rank(sp.S, tau)) for n, sp in self.spectra().items()}
+
+    def native_ranks(self) -> dict[str, int]:
+        return {name: layer.native_rank() for name, layer in self.layers.items()}
+
+    def export_ranks(self) -> dict[str, int]:
+        """Per-layer rank of the plain LoRA this adapter exports to without pruning (the native rank, >= 1)."""
+        return {n: max(1, min(r, min(self.layers[n].out_features, self.layers[n].in_features)))
+                for n, r in self.native_ranks().items()}
+
+    def to_lora(self, tau: float | None = None, rank: int | None = None, cap: int | None = None,
+                criterion: str = "energy", value: float | None = None, kohya_compat: bool = False):
+        """Plain per-layer-rank LoRA factors {name: (up, down)}, ranks and kept energy fraction.
+
+        Without tau/rank/value each layer keeps its native rank (AC-LoRA: the k of the last restart).
+        """
+        factors = self.factors()
+        spectra = analysis.batched_spectra(factors)
+        if tau is None and rank is None and value is None:
+            ranks = self.export_ranks()
+            if cap is not None:
+                ranks = {n: min(r, cap) for n, r in ranks.items()}
+        else:
+            ranks = analysis.choose_ranks(spectra, tau=tau, rank=rank, cap=cap, criterion=criterion, value=value,
+                                          kohya_compat=kohya_compat)
+        out = {n: analysis.truncate(sp, ranks[n]) for n, sp in spectra.items()}
+        total = sum(float(sp.S.pow(2).sum()) for sp in spectra.values())
+        kept = sum(float(sp.S[: ranks[n]].pow(2).sum()) for n, sp in spectra.items())
+        return out, ranks, (1.0 if total == 0 else kept / total)
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {n: (layer.out_features, layer.in_features) for n, layer in self.layers.items()}
+
+    # merge / remove --------------------------------------------------------------------------------------
+    def merge(self) -> None:
+        for layer in self.layers.values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()
+
+    def remove(self) -> nn.Module:
+        """Put the original modules back (unmerged) and return the model."""
+        from engine.adapters.inject import remove
+
+        return remove(self)

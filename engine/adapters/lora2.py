@@ -1,0 +1,250 @@
+"""LoRA² (Shenaj, Errica, Carta 2026): each layer learns its rank through an exponential importance over rank index.
+
+Implemented from the formulas in METHODS.md (adaptive-width framework of Errica et al.). Buffers keep the
+maximum rank R_max and a mask marks the first D slots, so a changing rank never changes a tensor shape.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.adapters.base import AdapterConfig, AdapterLayer, AdapterSet, opt
+from engine.adapters.registry import Method, register
+
+
+@dataclass
+class LoRA2Config(AdapterConfig):
+    method = "lora2"
+    max_rank: int = opt(64, "R_max: the largest rank a layer may grow to (buffer size).", min=1)
+    q: float = opt(0.9, "Quantile of the importance distribution that sets the rank D.", min=0.5, max=0.999)
+    lambda_r: float = opt(1e-4, "Weight of the rank regulariser sum |nu - nu_t| (pulls ranks towards `rank`).", min=0.0)
+    lambda_e: float = opt(1e-4, "Weight of the cross-attention entropy term (0 turns it off).", min=0.0)
+    normalise: bool = opt(False, "Renormalise the importance weights over the kept ranks (adaptive-width code).")
+    init_c: float = opt(1.0, "c of the rescaled Kaiming init A ~ N(0, c / (k * sum Lambda^2)).", min=0.0)
+    rho_lr: float = opt(1e-2, "Learning rate of the per-layer rank parameters rho (their own optimizer group).",
+                        min=0.0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.max_rank, int) or self.max_rank < self.rank:
+            raise ValueError(f"max_rank must be an integer >= rank ({self.rank}), got {self.max_rank!r}")
+        if not 0 < self.q < 1:
+            raise ValueError(f"q must be in (0, 1), got {self.q!r}")
+        for name in ("lambda_r", "lambda_e", "init_c", "rho_lr"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
+# --- pure maths ---------------------------------------------------------------------------------------------
+def importance(nu: torch.Tensor, size: int) -> torch.Tensor:
+    """f(j; nu) = exp(-nu j) (1 - exp(-nu)) for j = 0..size-1 (a discretised exponential; sums to 1 over j >= 0)."""
+    j = torch.arange(size, device=nu.device, dtype=nu.dtype)
+    return torch.exp(-nu * j) * (-torch.expm1(-nu))
+
+
+def rank_from_nu(nu: torch.Tensor, q: float, max_rank: int) -> torch.Tensor:
+    """D = clamp(ceil(-ln(1 - q) / nu), 1, R_max) (the q-quantile of the importance distribution)."""
+    return torch.clamp(torch.ceil(-math.log1p(-q) / nu - 1e-4), 1, max_rank).long()
+
+
+def nu_for_rank(rank: float, q: float) -> float:
+    """nu_t = -ln(1 - q) / r_t: the rate whose quantile is the target rank."""
+    return -math.log1p(-q) / rank
+
+
+def inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+# --- the layer ---------------------------------------------------------------------------------------------
+class LoRA2Layer(AdapterLayer):
+    def __init__(self, base: nn.Module, config: LoRA2Config, generator: torch.Generator | None = None):
+        super().__init__(base, config, generator)
+        R, r0 = config.max_rank, config.rank
+        self.q = config.q
+        self.nu_target = nu_for_rank(r0, config.q)
+        self.lora_A = nn.Parameter(torch.zeros(R, self.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, R))
+        self.rho = nn.Parameter(torch.tensor(inverse_softplus(self.nu_target)))
+        self.register_buffer("active", torch.arange(R) < r0)
+        std = self.init_std()
+        self.lora_A.data[:r0] = torch.randn(r0, self.in_features, generator=generator) * std
+
+    @property
+    def nu(self) -> torch.Tensor:
+        return F.softplus(self.rho)
+
+    def lambdas(self) -> torch.Tensor:
+        """Importance weights of the R_max slots, zero outside the active rank D (renormalised if asked)."""
+        lam = importance(self.nu, self.config.max_rank) * self.active
+        if self.config.normalise:
+            lam = lam / lam.sum()
+        return lam
+
+    def init_std(self) -> float:
+        """Rescaled Kaiming: std^2 = c / (k * sum_j Lambda_j^2) over the active slots."""
+        with torch.no_grad():
+            lam2 = float(self.lambdas().float().pow(2).sum())
+        return math.sqrt(self.config.init_c / (self.in_features * max(lam2, 1e-12)))
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.channel_scale(self.mid(x, self.lora_A), self.lambdas() * self.scale)
+        return self.up_proj(h, self.lora_B)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_B * (self.lambdas() * self.scale), self.lora_A
+
+    def native_rank(self) -> int:
+        return int(self.active.sum())
+
+    def continuous_rank(self) -> float:
+        return float(-math.log1p(-self.q) / self.nu)
+
+    @torch.no_grad()
+    def set_rank(self, new_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move the active rank to D: new A rows follow the init rule, new B columns are zero (output unchanged);
+        dropped slices are zeroed. Returns the (grown, shrunk) slot masks."""
+        new = torch.arange(self.config.max_rank, device=self.active.device) < new_rank
+        grown, shrunk = new & ~self.active, self.active & ~new
+        self.active.copy_(new)
+        if grown.any():
+            std = self.init_std()
+            idx = grown.nonzero().squeeze(1)
+            self.lora_A[idx] = (torch.randn(len(idx), self.in_features, device=self.lora_A.device) * std).to(
+                self.lora_A.dtype)
+            self.lora_B[:, idx] = 0
+        if shrunk.any():
+            idx = shrunk.nonzero().squeeze(1)
+            self.lora_A[idx] = 0
+            self.lora_B[:, idx] = 0
+        return grown, shrunk
+
+
+# --- cross-attention entropy -------------------------------------------------------------------------------
+class EntropyAttnProcessor:
+    """Cross-attention computed explicitly; records the entropy of each token's map over image positions.
+
+    Entropies are normalised by log(N_image) so the term is comparable across resolutions.
+    """
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        b, n, _ = hidden_states.shape
+        q = attn.to_q(hidden_states)
+        k = attn.to_k(encoder_hidden_states)
+        v = attn.to_v(encoder_hidden_states)
+        h = attn.heads
+        q, k, v = (t.view(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))  # (B, h, N, hd)
+        scores = (q @ k.transpose(-1, -2)) * attn.scale  # (B, h, N_img, N_tok)
+        if attention_mask is not None:
+            scores = scores + attn.prepare_attention_mask(attention_mask, k.shape[2], b).view(b, h, -1, k.shape[2])
+        out = scores.softmax(-1) @ v
+        logp = scores.float().log_softmax(dim=2)  # distribution over image positions per token
+        ent = -(logp.exp() * logp).sum(2).mean() / math.log(max(n, 2))
+        self.store.append(ent)
+        out = out.transpose(1, 2).reshape(b, n, -1).to(q.dtype)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def _plain_cross_attention(module: nn.Module) -> bool:
+    return (getattr(module, "is_cross_attention", False) and getattr(module, "group_norm", None) is None
+            and getattr(module, "spatial_norm", None) is None and not getattr(module, "residual_connection", False)
+            and getattr(module, "rescale_output_factor", 1.0) == 1.0 and hasattr(module, "set_processor"))
+
+
+# --- the model-level hooks ---------------------------------------------------------------------------------
+class LoRA2Set(AdapterSet):
+    method = "lora2"
+
+    def __init__(self, model, config: LoRA2Config, layers):
+        super().__init__(model, config, layers)
+        self._entropies: list = []
+        self._saved_processors: dict[str, object] = {}
+        if config.lambda_e > 0:
+            for name, module in model.named_modules():
+                if _plain_cross_attention(module):
+                    self._saved_processors[name] = module.processor
+                    module.set_processor(EntropyAttnProcessor(self._entropies))
+
+    def _layer_params(self, layer: LoRA2Layer) -> list[nn.Parameter]:
+        return [layer.lora_A, layer.lora_B]
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
+        main = [p for layer in self.layers.values() for p in self._layer_params(layer)]
+        rhos = [layer.rho for layer in self.layers.values()]
+        return [{"params": main, "lr": lr, "weight_decay": weight_decay},
+                {"params": rhos, "lr": self.config.rho_lr, "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def before_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
+        """Recompute D for every layer (one host sync for all) and resize the layers whose D changed."""
+        layers = list(self.layers.values())
+        if not layers:
+            return None
+        nus = F.softplus(torch.stack([layer.rho.detach() for layer in layers]))
+        new = rank_from_nu(nus, self.config.q, self.config.max_rank).tolist()
+        changed = {}
+        for name, layer, d in zip(self.layers, layers, new):
+            if d != layer.native_rank():
+                grown, shrunk = layer.set_rank(d)
+                if optimizer is not None:
+                    _reset_slices(optimizer, layer, grown | shrunk)
+                changed[name] = d
+        return {"ranks": changed} if changed else None
+
+    def extra_loss(self) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """lambda_r * sum |nu - nu_t| + lambda_e * mean cross-attention entropy (values detached for logging)."""
+        c = self.config
+        layers = list(self.layers.values())
+        terms: dict[str, torch.Tensor] = {}
+        total = None
+        if c.lambda_r > 0 and layers:
+            nus = F.softplus(torch.stack([layer.rho for layer in layers]))
+            targets = torch.tensor([layer.nu_target for layer in layers], device=nus.device, dtype=nus.dtype)
+            reg = (nus - targets).abs().sum()
+            terms["rank_reg"] = reg.detach()
+            total = c.lambda_r * reg
+        if self._entropies:
+            ent = torch.stack(self._entropies).mean()
+            self._entropies.clear()
+            terms["entropy"] = ent.detach()
+            total = c.lambda_e * ent if total is None else total + c.lambda_e * ent
+        return total, terms
+
+    def on_remove(self) -> None:
+        for name, proc in self._saved_processors.items():
+            self.model.get_submodule(name).set_processor(proc)
+        self._saved_processors.clear()
+
+    def after_load(self) -> None:
+        """The active mask is a buffer and was loaded with the tensors; nothing else is derived."""
+
+    def continuous_ranks(self) -> dict[str, float]:
+        return {n: layer.continuous_rank() for n, layer in self.layers.items()}
+
+
+def _reset_slices(optimizer: torch.optim.Optimizer, layer: LoRA2Layer, slots: torch.Tensor) -> None:
+    """Zero the optimizer moments of the rank slots that appeared or disappeared."""
+    for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                if dim == 0:
+                    value[slots] = 0
+                else:
+                    value[:, slots] = 0
+
+
+METHOD = register(Method("lora2", "LoRA²", LoRA2Config, LoRA2Layer, LoRA2Set,
+                         "Per-layer learned rank: an exponential importance over rank indices whose quantile sets "
+                         "each layer's rank, with a rank regulariser and a cross-attention entropy term."))

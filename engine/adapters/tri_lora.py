@@ -1,0 +1,65 @@
+"""TriLoRA (Feng, He et al. 2024): dW = U diag(sigma) V^T with all three factors trainable."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.adapters.base import AdapterConfig, AdapterLayer, AdapterSet, opt
+from engine.adapters.registry import Method, register
+
+
+@dataclass
+class TriLoRAConfig(AdapterConfig):
+    method = "tri_lora"
+    sigma_init: str = opt("one", "Initial sigma: one = all ones (recommended); w0 = the top-R singular values of "
+                          "the frozen weight divided by the largest (the paper's SVD initialisation).",
+                          choices=("one", "w0"))
+
+    def __post_init__(self):
+        if self.sigma_init in ("zero", 0, "0"):
+            raise ValueError("sigma_init='zero' is invalid: with V^T = 0 at init no gradient would ever flow")
+        super().__post_init__()
+
+
+def w0_sigma(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-`rank` singular values of W0 over the largest; padded with the smallest kept value if rank > min(d, k)."""
+    s = torch.linalg.svdvals(weight.detach().float().reshape(weight.shape[0], -1).cpu())
+    s = s / s[0].clamp_min(1e-12)
+    s = s[:rank].clamp_min(1e-3)
+    if s.numel() < rank:
+        s = torch.cat([s, s[-1:].expand(rank - s.numel())])
+    return s
+
+
+class TriLoRALayer(AdapterLayer):
+    def __init__(self, base: nn.Module, config: TriLoRAConfig, generator: torch.Generator | None = None):
+        super().__init__(base, config, generator)
+        R = config.rank
+        self.tri_U = nn.Parameter(torch.randn(self.out_features, R, generator=generator) / R)
+        self.tri_Vt = nn.Parameter(torch.zeros(R, self.in_features))
+        sigma = w0_sigma(base.weight, R) if config.sigma_init == "w0" else torch.ones(R)
+        self.tri_sigma = nn.Parameter(sigma)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.channel_scale(self.mid(x, self.tri_Vt), self.tri_sigma * self.scale)
+        return self.up_proj(h, self.tri_U)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tri_U * (self.tri_sigma * self.scale), self.tri_Vt
+
+    @torch.no_grad()
+    def native_rank(self) -> int:
+        """Components with |sigma_i| ||U_i|| ||V_i|| above 1% of the largest (0 while the update is zero)."""
+        w = self.tri_sigma.abs() * self.tri_U.norm(dim=0) * self.tri_Vt.norm(dim=1)
+        top = float(w.max())
+        return 0 if top == 0 else int((w > 0.01 * top).sum())
+
+
+class TriLoRASet(AdapterSet):
+    method = "tri_lora"
+
+
+METHOD = register(Method("tri_lora", "TriLoRA", TriLoRAConfig, TriLoRALayer, TriLoRASet,
+                         "SVD-shaped adapter U diag(sigma) V^T: the singular values are learned directly."))

@@ -1,0 +1,172 @@
+"""Pure torch maths for rank analysis: batched cheap SVD of low-rank updates, effective rank, rank choice, truncation."""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+CRITERIA = ("energy", "sv_ratio", "sv_cumulative", "sv_fro")
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Thin SVD of one layer's update dW = U diag(S) V^T (U: d x r, S: r, V: k x r), S descending."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+
+def cheap_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of dW = up @ down without forming d x k: QR of both factors, SVD of the r x r core (METHODS.md).
+
+    up: (..., d, r), down: (..., r, k) -> U (..., d, r), S (..., r), V (..., k, r). Cost O((d + k) r^2).
+    """
+    up, down = up.float(), down.float()
+    qb, rb = torch.linalg.qr(up)  # (..., d, r), (..., r, r)
+    qa, ra = torch.linalg.qr(down.transpose(-1, -2))  # (..., k, r), (..., r, r)
+    uc, s, vch = torch.linalg.svd(rb @ ra.transpose(-1, -2))  # core r x r
+    return qb @ uc, s, qa @ vch.transpose(-1, -2)
+
+
+def batched_spectra(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Spectrum]:
+    """Cheap SVD of many layers at once: layers whose (d, r, k) agree go through one batched call."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name, (up, down) in factors.items():
+        groups[(tuple(up.shape), tuple(down.shape), up.device)].append(name)
+    out: dict[str, Spectrum] = {}
+    for names in groups.values():
+        ups = torch.stack([factors[n][0].detach() for n in names])
+        downs = torch.stack([factors[n][1].detach() for n in names])
+        U, S, V = cheap_svd(ups, downs)
+        for i, n in enumerate(names):
+            out[n] = Spectrum(U[i], S[i], V[i])
+    return out
+
+
+def energy_rank(S: torch.Tensor, tau: float) -> torch.Tensor:
+    """r_tau = min{j : sum_{i<=j} s_i^2 >= tau * sum s_i^2} over the last dim (0 for an all-zero spectrum)."""
+    check_tau(tau)
+    e = S.float().pow(2)
+    total = e.sum(-1, keepdim=True)
+    frac = e.cumsum(-1) / total.clamp_min(torch.finfo(torch.float32).tiny)
+    # tolerance so that tau = 1 keeps every non-zero component despite rounding
+    k = (frac < tau - 1e-6).sum(-1) + 1
+    k = torch.minimum(k, (S > 0).sum(-1))
+    return torch.where(total.squeeze(-1) > 0, k, torch.zeros_like(k))
+
+
+def check_tau(tau: float) -> None:
+    """Reject tau outside (0, 1] with a message that names the value."""
+    if not isinstance(tau, (int, float)) or not (0.0 < float(tau) <= 1.0):
+        raise ValueError(f"tau must be in (0, 1] (the fraction of each layer's energy kept), got {tau!r}")
+
+
+def keep_count(S: torch.Tensor, criterion: str = "energy", value: float = 0.9, kohya_compat: bool = False) -> int:
+    """How many components of one descending spectrum S a pruning criterion keeps (at least 1).
+
+    energy: cumulative s^2 fraction >= value (tau). sv_ratio: s_i > s_0 / value. sv_cumulative: cumulative s
+    fraction >= value. sv_fro: cumulative s^2 fraction >= value^2. kohya_compat reproduces sd-scripts'
+    resize_lora, which keeps one component more than the minimum (and clamps its index to len(S) - 1 first).
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    S = S.detach().float().cpu()
+    n = S.numel()
+    if n == 0 or float(S[0]) <= 0:
+        return 1
+    if criterion == "energy":
+        k = int(energy_rank(S, value))
+    elif criterion == "sv_ratio":
+        if value < 1:
+            raise ValueError(f"sv_ratio needs a ratio >= 1 (largest / smallest kept), got {value!r}")
+        k = int((S > S[0] / value).sum())
+    else:
+        if not 0 < value <= 1:
+            raise ValueError(f"{criterion} needs a fraction in (0, 1], got {value!r}")
+        w = S if criterion == "sv_cumulative" else S.pow(2)
+        target = value if criterion == "sv_cumulative" else value**2
+        frac = w.cumsum(0) / w.sum()
+        k = int((frac < target - 1e-7).sum()) + 1
+    if kohya_compat:
+        # sd-scripts: index = count (+0 for ratio, searchsorted+1 for the cumulative rules), clamped to
+        # [1, len - 1], then new_rank = index + 1.
+        return max(1, min(k, n - 1)) + 1
+    return max(1, min(k, n))
+
+
+def choose_ranks(
+    spectra: Mapping[str, Spectrum],
+    tau: float | None = None,
+    rank: int | None = None,
+    cap: int | None = None,
+    criterion: str = "energy",
+    value: float | None = None,
+    kohya_compat: bool = False,
+) -> dict[str, int]:
+    """Per-layer rank: a fixed `rank`, or the criterion (energy `tau` by default), floored at 1, capped at `cap`."""
+    if rank is not None:
+        check_rank(rank)
+    if cap is not None:
+        check_rank(cap, what="rank cap")
+    if rank is None and tau is None and value is None:
+        raise ValueError("choose_ranks needs a fixed rank, a tau, or a criterion value")
+    if tau is not None:
+        check_tau(tau)
+    out = {}
+    for name, sp in spectra.items():
+        if rank is not None:
+            k = rank
+        else:
+            v = tau if criterion == "energy" and value is None else value
+            k = keep_count(sp.S, criterion, v, kohya_compat)
+        k = min(k, sp.S.numel())
+        if cap is not None:
+            k = min(k, cap)
+        out[name] = max(1, k)
+    return out
+
+
+def check_rank(rank, what: str = "rank") -> None:
+    """Reject a rank that is not a positive integer, naming the value."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{what} must be a positive integer, got {rank!r}")
+
+
+def truncate(sp: Spectrum, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain LoRA factors of the best rank-k approximation: up = U_k S_k (d x k), down = V_k^T (k x d_in)."""
+    k = max(1, min(int(k), sp.S.numel()))
+    return sp.U[:, :k] * sp.S[:k], sp.V[:, :k].T.contiguous()
+
+
+def kept_energy(sp: Spectrum, k: int) -> float:
+    """Fraction of ||dW||_F^2 kept by the top-k components (1.0 for a zero update)."""
+    e = sp.S.float().pow(2)
+    total = float(e.sum())
+    return 1.0 if total == 0 else float(e[:k].sum()) / total
+
+
+def truncate_all(
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    tau: float | None = None,
+    rank: int | None = None,
+    cap: int | None = None,
+    criterion: str = "energy",
+    value: float | None = None,
+    kohya_compat: bool = False,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, int], float]:
+    """Truncate every layer to a plain per-layer-rank LoRA; returns factors, ranks and the kept energy fraction."""
+    spectra = batched_spectra(factors)
+    ranks = choose_ranks(spectra, tau=tau, rank=rank, cap=cap, criterion=criterion, value=value,
+                         kohya_compat=kohya_compat)
+    out = {name: truncate(sp, ranks[name]) for name, sp in spectra.items()}
+    total = sum(float(sp.S.float().pow(2).sum()) for sp in spectra.values())
+    kept = sum(float(sp.S[: ranks[n]].float().pow(2).sum()) for n, sp in spectra.items())
+    return out, ranks, (1.0 if total == 0 else kept / total)
+
+
+def lora_param_count(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int]) -> int:
+    """Parameters of a plain LoRA with per-layer ranks: sum r (d + k) (+1 alpha scalar per layer)."""
+    return sum(ranks[n] * (d + k) + 1 for n, (d, k) in shapes.items())
