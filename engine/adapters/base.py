@@ -103,6 +103,10 @@ class AdapterLayer(nn.Module):
     def native_rank(self) -> int:
         raise NotImplementedError
 
+    def export_rank(self) -> int:
+        """Rank of the plain LoRA this layer exports to without pruning (lossless unless the method says so)."""
+        return self.native_rank()
+
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -257,8 +261,8 @@ class AdapterSet:
 
     def export_ranks(self) -> dict[str, int]:
         """Per-layer rank of the plain LoRA this adapter exports to without pruning (the native rank, >= 1)."""
-        return {n: max(1, min(r, min(self.layers[n].out_features, self.layers[n].in_features)))
-                for n, r in self.native_ranks().items()}
+        return {n: max(1, min(layer.export_rank(), layer.out_features, layer.in_features))
+                for n, layer in self.layers.items()}
 
     def to_lora(self, tau: float | None = None, rank: int | None = None, cap: int | None = None,
                 criterion: str = "energy", value: float | None = None, kohya_compat: bool = False):

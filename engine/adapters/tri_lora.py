@@ -57,6 +57,10 @@ class TriLoRALayer(AdapterLayer):
         return 0 if top == 0 else int((w > 0.01 * top).sum())
 
 
+    def export_rank(self) -> int:
+        return self.config.rank  # every component; prune with tau to drop the small ones
+
+
 class TriLoRASet(AdapterSet):
     method = "tri_lora"
 
