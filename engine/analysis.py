@@ -27,7 +27,7 @@ def cheap_svd(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch
     up, down = up.float(), down.float()
     qb, rb = torch.linalg.qr(up)  # (..., d, r), (..., r, r)
     qa, ra = torch.linalg.qr(down.transpose(-1, -2))  # (..., k, r), (..., r, r)
-    uc, s, vch = torch.linalg.svd(rb @ ra.transpose(-1, -2))  # core r x r
+    uc, s, vch = torch.linalg.svd(rb @ ra.transpose(-1, -2), full_matrices=False)  # core r x r
     return qb @ uc, s, qa @ vch.transpose(-1, -2)
 
 

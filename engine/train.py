@@ -1,0 +1,411 @@
+"""The trainer: TrainConfig (fields with help text) and one readable accelerate loop that writes a run folder."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from engine import data as data_mod
+from engine import events as ev
+from engine import models, runs
+from engine.adapters import inject
+from engine.train_config import PRECISIONS, TrainConfig
+
+__all__ = ["RunResult", "TrainConfig", "load_run_adapters", "resume_run", "train"]
+
+
+@dataclass
+class RunResult:
+    """How a run ended: state finished/stopped, steps done, final files by format, wall time of this call."""
+
+    run_dir: str
+    state: str
+    step: int
+    total_steps: int
+    files: dict[str, str]
+    wall_s: float
+
+
+Emit = Callable[[ev.Event], None]
+
+
+@dataclass
+class _Session:
+    """Everything the loop touches, built once by _setup."""
+
+    acc: Any
+    pipe: Any
+    unet: Any  # the prepared (maybe DDP-wrapped) UNet
+    adapters: Any
+    optimizer: Any
+    noise: Any  # DDPM scheduler for the forward process
+    data: data_mod.TrainData
+    base_lrs: list[float]
+    gen: torch.Generator
+    steps_per_epoch: int
+    total_steps: int
+    total_epochs: int
+    resolution: int
+    step: int = 0
+    loss_sum: torch.Tensor | None = None  # since the last AC-LoRA restart (device tensor: no host sync per step)
+    loss_count: int = 0
+
+
+def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    dtype = PRECISIONS[cfg.mixed_precision]
+    pipe = pipeline.to(acc.device) if pipeline is not None else models.load_pipeline(cfg.base_model, acc.device, dtype)
+    multiple = models.size_multiple(pipe)
+    resolution = cfg.resolution or models.native_resolution(pipe)
+    if resolution % multiple:
+        raise ValueError(f"resolution must be a multiple of {multiple} for this model, got {resolution!r}")
+    report = data_mod.scan_dataset(cfg.dataset, cfg.trigger, min_side=max(8, resolution // 4))
+    examples = data_mod.require_usable(report)
+    data = data_mod.build_cache(pipe, examples, resolution, multiple, buckets=cfg.buckets, flip=cfg.flip,
+                                device=acc.device)
+    micro = data.batches_per_epoch(cfg.batch_size, cfg.repeats)
+    spe = micro // (cfg.grad_accum * acc.num_processes)
+    if spe < 1:
+        raise ValueError(f"the dataset gives {micro} batch(es) per epoch, fewer than grad_accum ({cfg.grad_accum}) x "
+                         f"processes ({acc.num_processes}): lower them or add images/repeats")
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * spe
+    torch.manual_seed(cfg.seed)  # same on every process: restarts and LoRA² growth draw from it
+    adapters = inject(pipe.unet, cfg.adapter_config())
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    pipe.unet.train()
+    groups = adapters.param_groups(cfg.lr, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    unet, optimizer = acc.prepare(pipe.unet, optimizer)
+    gen = torch.Generator(acc.device).manual_seed(cfg.seed * 1009 + acc.process_index)
+    noise = DDPMScheduler.from_config(pipe.scheduler.config)
+    return _Session(acc, pipe, unet, adapters, optimizer, noise, data, [g["lr"] for g in groups], gen, spe, total,
+                    math.ceil(total / spe), resolution)
+
+
+def _lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    if cfg.lr_schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def _reset_step_state(adapters) -> None:
+    """Drop per-forward records (LoRA²'s attention entropies) left by sampling or checkpoint recomputation."""
+    reset = getattr(adapters, "reset_step", None)
+    if callable(reset):
+        reset()
+    elif isinstance(getattr(adapters, "_entropies", None), list):
+        adapters._entropies.clear()
+
+
+def _micro_loss(s: _Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """DDPM loss of one micro-batch: MSE between the UNet output and the scheduler's prediction target."""
+    latents = batch["latents"].float()
+    noise = torch.randn(latents.shape, generator=s.gen, device=latents.device)
+    t = torch.randint(0, s.noise.config.num_train_timesteps, (latents.shape[0],), generator=s.gen,
+                      device=latents.device)
+    noisy = s.noise.add_noise(latents, noise, t)
+    kind = s.noise.config.prediction_type
+    target = {"epsilon": noise, "sample": latents}.get(kind)
+    if kind == "v_prediction":
+        target = s.noise.get_velocity(latents, noise, t)
+    if target is None:
+        raise ValueError(f"unsupported prediction_type {kind!r} in the model's scheduler")
+    dtype = s.pipe.unet.dtype
+    extra = {}
+    if "text_embeds" in batch:
+        extra["added_cond_kwargs"] = {"text_embeds": batch["text_embeds"].to(dtype), "time_ids": batch["time_ids"]}
+    pred = s.unet(noisy.to(dtype), t, encoder_hidden_states=batch["text"].to(dtype), **extra).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
+def _optimizer_step(s: _Session, cfg: TrainConfig, micro: list[list[tuple[int, bool]]]) -> tuple[torch.Tensor, dict]:
+    """Forward/backward over this process's micro-batches (gradients synced on the last), clip, AdamW step."""
+    from contextlib import nullcontext
+
+    acc, total, terms = s.acc, torch.zeros((), device=s.acc.device), {}
+    for i, batch in enumerate(micro):
+        _reset_step_state(s.adapters)
+        sync = i == len(micro) - 1
+        with (nullcontext() if sync else acc.no_sync(s.unet)), acc.autocast():
+            loss = _micro_loss(s, s.data.collate(batch, acc.device))
+            extra, parts = s.adapters.extra_loss()
+            full = loss if extra is None else loss + extra
+            acc.backward(full / len(micro))
+        total = total + loss.detach() / len(micro)
+        for k, v in parts.items():
+            terms[k] = terms.get(k, 0) + v.detach().float() / len(micro)
+    if cfg.max_grad_norm > 0:
+        acc.clip_grad_norm_(s.adapters.parameters(), cfg.max_grad_norm)
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    if acc.num_processes > 1:
+        total = acc.reduce(total, reduction="mean")
+    return total, terms
+
+
+class _Log:
+    """Sends events to the callback and appends them to the run folder (main process only)."""
+
+    FILES: ClassVar[dict] = {ev.Step: runs.METRICS, ev.Ranks: runs.RANKS, ev.Restart: runs.RANKS, ev.RankChange: runs.RANKS}
+
+    def __init__(self, run: runs.RunFolder, emit: Emit | None, main: bool):
+        self.run, self.emit, self.main = run, emit, main
+
+    def __call__(self, event: ev.Event) -> None:
+        if not self.main:
+            return
+        runs.append_jsonl(self.run / self.FILES.get(type(event), runs.EVENTS), ev.to_dict(event))
+        if self.emit is not None:
+            self.emit(event)
+
+
+def train(config: TrainConfig, emit: Emit | None = None, stop: threading.Event | None = None, *,
+          resume: bool = False, pipeline=None) -> RunResult:
+    """Train one adapter and write its run folder; `stop` is honoured between steps; `resume` continues the folder.
+
+    Events (engine.events) go to `emit` and to the folder. Errors are emitted as Failed, then raised.
+    `pipeline`: an already loaded pipeline to train on instead of loading config.base_model (the studio keeps one);
+    its UNet gets its original modules back when training ends.
+    """
+    from accelerate import PartialState
+
+    stop = stop or threading.Event()
+    started = time.time()
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    root = os.environ.get("RANKSTUDIO_RUNS", "runs")
+    run = runs.RunFolder(config.output_dir or runs.new_run_dir(root, config.method))
+    if main and not resume and (run / runs.CONFIG).exists():
+        raise ValueError(f"{str(run.path)!r} already holds a run; resume it or choose another output_dir")
+    config = dataclasses.replace(config, output_dir=str(run.path))
+    if main:
+        run.create()
+        if not resume:
+            runs.atomic_write_json(run / runs.CONFIG, config.to_dict())
+    log = _Log(run, emit, main=main)
+    s = None
+    try:
+        s = _setup(config, pipeline)
+        if resume:
+            _restore(s, run)
+        log(ev.Started(str(run.path), s.step, s.total_steps, s.steps_per_epoch, config.method, resume))
+        state = _loop(s, config, run, log, stop)
+        files = _finish(s, config, run, log, started) if state == "finished" else {}
+        return RunResult(str(run.path), state, s.step, s.total_steps, files, time.time() - started)
+    except BaseException as e:
+        step = s.step if s is not None else 0
+        if log.main:
+            run.write_status("failed", step, s.total_steps if s else 0, error=str(e))
+            log(ev.Failed(step, str(e) or type(e).__name__, type(e).__name__))
+        raise
+    finally:
+        if pipeline is not None and s is not None:
+            _release(s)
+
+
+def _release(s: _Session) -> None:
+    """Give a caller's pipeline back as it came: adapters removed, no checkpointing, eval mode, no grads."""
+    s.adapters.remove()
+    unet = s.acc.unwrap_model(s.unet, keep_fp32_wrapper=False)  # drops accelerate's autocast forward wrapper
+    if getattr(unet, "gradient_checkpointing", False):
+        unet.disable_gradient_checkpointing()
+    unet.eval().requires_grad_(False)
+
+
+def resume_run(run_dir: str | os.PathLike, emit: Emit | None = None, stop: threading.Event | None = None) -> RunResult:
+    """Continue a stopped or killed run from its last checkpoint, with the config stored in the folder."""
+    config = TrainConfig.from_dict(runs.RunFolder(run_dir).config())
+    return train(dataclasses.replace(config, output_dir=str(run_dir)), emit, stop, resume=True)
+
+
+def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: threading.Event) -> str:
+    """The training loop: one optimizer step per iteration, hooks at their times, logging, samples, checkpoints."""
+    pending: list[tuple[int, int, torch.Tensor, float, dict]] = []
+    batches, batches_epoch = [], -1
+    per_step = cfg.grad_accum * s.acc.num_processes
+    if s.loss_sum is None:
+        s.loss_sum = torch.zeros((), device=s.acc.device)
+    while s.step < s.total_steps:
+        if stop.is_set():
+            _flush(pending, log)
+            path = _checkpoint(s, cfg, run, log)
+            log(ev.Stopped(s.step, str(path)))
+            run.write_status("stopped", s.step, s.total_steps)
+            return "stopped"
+        epoch, pos = divmod(s.step, s.steps_per_epoch)
+        if epoch != batches_epoch:
+            batches, batches_epoch = s.data.epoch_batches(epoch, cfg.batch_size, cfg.seed, cfg.repeats), epoch
+        chunk = batches[pos * per_step:(pos + 1) * per_step]
+        micro = chunk[s.acc.process_index::s.acc.num_processes]
+        change = s.adapters.before_step(s.step, s.optimizer)
+        if change and change.get("ranks"):
+            log(ev.RankChange(s.step + 1, dict(change["ranks"])))
+        factor = _lr_factor(cfg, s.step, s.total_steps)
+        for group, base in zip(s.optimizer.param_groups, s.base_lrs):
+            group["lr"] = base * factor
+        loss, terms = _optimizer_step(s, cfg, micro)
+        s.step += 1
+        s.loss_sum, s.loss_count = s.loss_sum + loss, s.loss_count + 1
+        pending.append((s.step, epoch, loss, cfg.lr * factor, terms))
+        if s.step % cfg.log_every == 0:
+            _flush(pending, log)
+        epoch_end = pos + 1 == s.steps_per_epoch
+        if s.adapters.restart_due(epoch, s.total_epochs, s.step - 1, s.total_steps, epoch_end):
+            mean = float(s.loss_sum / max(s.loss_count, 1))
+            info = s.adapters.restart(mean, epoch, s.total_epochs, s.optimizer)
+            s.loss_sum, s.loss_count = torch.zeros_like(s.loss_sum), 0
+            log(ev.Restart(s.step, epoch, float(info["p"]), mean, dict(info["ranks"])))
+        if cfg.rank_every and s.step % cfg.rank_every == 0 and s.step < s.total_steps:
+            _log_ranks(s, cfg, log)
+        if cfg.sample_every and cfg.sample_prompts and s.step % cfg.sample_every == 0 and s.step < s.total_steps:
+            _flush(pending, log)
+            _samples(s, cfg, run, log)
+        if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0 and s.step < s.total_steps:
+            _flush(pending, log)
+            _checkpoint(s, cfg, run, log)
+        if log.main and (not pending or s.step == s.total_steps):
+            run.write_status("running", s.step, s.total_steps)
+    _flush(pending, log)
+    return "finished"
+
+
+def _flush(pending: list, log: _Log) -> None:
+    """Move the pending losses to the host in one transfer and emit one Step event per step."""
+    if not pending:
+        return
+    values = torch.stack([p[2] for p in pending]).tolist()
+    for (step, epoch, _, lr, terms), loss in zip(pending, values):
+        log(ev.Step(step, loss, lr, epoch, {k: float(v) for k, v in terms.items()}))
+    pending.clear()
+
+
+def _log_ranks(s: _Session, cfg: TrainConfig, log: _Log) -> None:
+    if log.main:
+        log(ev.Ranks(s.step, s.adapters.effective_ranks(cfg.tau), s.adapters.native_ranks(), cfg.tau))
+
+
+def _samples(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log) -> None:
+    from engine.generate import sample_images
+
+    if log.main:
+        with s.acc.autocast():
+            images = sample_images(s.pipe, cfg.sample_prompts, cfg.seed, cfg.sample_steps, s.resolution)
+        _reset_step_state(s.adapters)
+        paths = []
+        for i, image in enumerate(images):
+            path = run.samples / f"step-{s.step:07d}-{i}.png"
+            tmp = path.with_name(f".{path.name}.tmp.png")
+            image.save(tmp)
+            os.replace(tmp, path)
+            paths.append(str(path))
+        log(ev.Sample(s.step, paths, list(cfg.sample_prompts)))
+    s.acc.wait_for_everyone()
+
+
+def _rng_state(s: _Session) -> dict[str, torch.Tensor]:
+    state = {"noise": s.gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state(s.acc.device)
+    return state
+
+
+def _checkpoint(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log) -> Path:
+    """Adapter tensors, optimizer moments, RNG states, step and loss-since-restart: all a resume needs."""
+    path = run.checkpoints / f"step-{s.step:07d}"
+    if log.main:
+        state = {"step": s.step, "loss_sum": float(s.loss_sum), "loss_count": s.loss_count,
+                 "extra_state": s.adapters.extra_state(), "total_steps": s.total_steps}
+        path = runs.write_checkpoint(run, s.step, s.adapters.state_dict(), s.optimizer.state_dict(), _rng_state(s),
+                                     state, keep=cfg.keep_checkpoints)
+        log(ev.Checkpoint(s.step, str(path)))
+    s.acc.wait_for_everyone()
+    return path
+
+
+def _restore(s: _Session, run: runs.RunFolder) -> None:
+    """Load the latest checkpoint (if any) and drop log rows past it, which the resumed run will write again."""
+    latest = run.latest_checkpoint()
+    step = 0
+    if latest is not None:
+        adapter, optimizer, rng, state = runs.read_checkpoint(latest[1])
+        s.adapters.load_state_dict(adapter)
+        s.adapters.load_extra_state(state.get("extra_state", {}))
+        s.optimizer.load_state_dict(optimizer)
+        s.gen.set_state(rng["noise"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"], s.acc.device)
+        step = s.step = int(state["step"])
+        s.loss_sum = torch.tensor(state["loss_sum"], device=s.acc.device)
+        s.loss_count = int(state["loss_count"])
+    if s.acc.is_main_process:
+        for name in (runs.METRICS, runs.RANKS, runs.EVENTS):
+            runs.truncate_jsonl(run / name, step)
+        for old in run.sample_paths():
+            if int(old.name.split("-")[1]) > step:
+                old.unlink()
+
+
+def _finish(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, started: float) -> dict[str, str]:
+    """Final ranks, samples, adapter state and both LoRA formats; status finished."""
+    from engine.export import export_lora
+
+    files: dict[str, str] = {}
+    if log.main:
+        _log_ranks(s, cfg, log)
+        if cfg.sample_prompts:
+            _samples(s, cfg, run, log)
+        runs.atomic_save_tensors(run / runs.ADAPTER_STATE, s.adapters.state_dict())
+        runs.atomic_write_json(run / runs.ADAPTER_EXTRA, {"method": cfg.method, "step": s.step,
+                                                          "extra_state": s.adapters.extra_state(),
+                                                          "native_ranks": s.adapters.native_ranks()})
+        files["state"] = str(run / runs.ADAPTER_STATE)
+        meta = {"steps": s.step, "base_model": cfg.base_model, "seed": cfg.seed, "trigger": cfg.trigger}
+        for fmt in runs.LORA_FILES:
+            res = export_lora(s.adapters, run.lora_file(fmt), fmt, unet_config=s.pipe.unet.config, metadata=meta)
+            files[fmt] = res.path
+        wall = time.time() - started
+        run.write_status("finished", s.step, s.total_steps, files=files, wall_s=wall)
+        log(ev.Finished(s.step, files, wall))
+    else:
+        _samples(s, cfg, run, log) if cfg.sample_prompts else None
+    s.acc.wait_for_everyone()
+    return files
+
+
+def load_run_adapters(run_dir: str | os.PathLike, unet) -> Any:
+    """Inject a run's method into `unet` and load its final adapter (or its latest checkpoint): an AdapterSet."""
+    run = runs.RunFolder(run_dir)
+    cfg = TrainConfig.from_dict(run.config())
+    from safetensors.torch import load_file
+
+    if (run / runs.ADAPTER_STATE).is_file():
+        tensors = load_file(str(run / runs.ADAPTER_STATE))
+        extra = json.loads((run / runs.ADAPTER_EXTRA).read_text()).get("extra_state", {})
+    elif (latest := run.latest_checkpoint()) is not None:
+        tensors, _, _, state = runs.read_checkpoint(latest[1])
+        extra = state.get("extra_state", {})
+    else:
+        raise ValueError(f"run {str(run.path)!r} has no adapter yet (no final file and no checkpoint)")
+    adapters = inject(unet, cfg.adapter_config())
+    adapters.load_state_dict(tensors)
+    adapters.load_extra_state(extra)
+    return adapters

@@ -1,0 +1,282 @@
+"""The synthetic faithfulness tests of METHODS.md: shared maths, AC-LoRA, TriLoRA, LoRA², pruning criteria."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from engine import analysis
+from engine.adapters import inject, make_config
+from engine.adapters.ac_lora import keep_components, keep_threshold
+from engine.adapters.lora2 import importance, nu_for_rank, rank_from_nu
+
+
+def spectrum_factors(S: torch.Tensor, d: int = 40, k: int = 30, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(d, S.numel(), generator=g))
+    V, _ = torch.linalg.qr(torch.randn(k, S.numel(), generator=g))
+    return U * S, V.T.contiguous()
+
+
+def linear_model(d=24, k=20, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(k, d))
+
+
+# --- shared maths -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(40, 8, 30), (16, 32, 12), (5, 4, 64)])
+def test_cheap_svd_matches_dense_svd(shape):
+    d, r, k = shape
+    g = torch.Generator().manual_seed(1)
+    up, down = torch.randn(d, r, generator=g), torch.randn(r, k, generator=g)
+    U, S, V = analysis.cheap_svd(up, down)
+    dense = torch.linalg.svdvals(up @ down)
+    assert torch.allclose(S, dense[: S.numel()], atol=1e-5 * float(dense[0]))
+    assert torch.allclose((U * S) @ V.T, up @ down, atol=1e-4)
+    assert torch.allclose(U.T @ U, torch.eye(S.numel()), atol=1e-5)
+
+
+def test_batched_spectra_equal_one_by_one():
+    g = torch.Generator().manual_seed(2)
+    factors = {f"l{i}": (torch.randn(16, 4, generator=g), torch.randn(4, 12, generator=g)) for i in range(5)}
+    factors["odd"] = (torch.randn(8, 4, generator=g), torch.randn(4, 8, generator=g))
+    batched = analysis.batched_spectra(factors)
+    for name, (up, down) in factors.items():
+        _, S, _ = analysis.cheap_svd(up, down)
+        assert torch.allclose(batched[name].S, S, atol=1e-5)
+
+
+def test_eckart_young_dropped_energy_equals_relative_error():
+    S = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.1])
+    up, down = spectrum_factors(S)
+    sp = analysis.batched_spectra({"x": (up, down)})["x"]
+    dW = up @ down
+    for k in range(1, 6):
+        u, dn = analysis.truncate(sp, k)
+        rel = float((dW - u @ dn).pow(2).sum() / dW.pow(2).sum())
+        assert rel == pytest.approx(1 - analysis.kept_energy(sp, k), abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "ac_lora", "tri_lora", "lora2"])
+def test_export_round_trip_equals_delta_weight(method):
+    model = linear_model()
+    ad = inject(model, make_config(method, rank=6, targets="0", **({"max_rank": 10} if method == "lora2" else {})))
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    factors, ranks, kept = ad.to_lora()
+    layer = ad.layers["0"]
+    up, down = factors["0"]
+    assert torch.allclose(up @ down, layer.delta_weight(), atol=1e-5)
+    assert kept == pytest.approx(1.0, abs=1e-6)
+
+
+def test_effective_rank_definition():
+    S = torch.tensor([3.0, 2.0, 1.0, 0.0])  # energies 9, 4, 1 of 14
+    assert int(analysis.energy_rank(S, 9 / 14)) == 1
+    assert int(analysis.energy_rank(S, 9 / 14 + 1e-3)) == 2
+    assert int(analysis.energy_rank(S, 0.99)) == 3
+    assert int(analysis.energy_rank(S, 1.0)) == 3
+    assert int(analysis.energy_rank(torch.zeros(4), 0.9)) == 0
+
+
+# --- AC-LoRA ------------------------------------------------------------------------------------------------
+def test_ac_lora_threshold():
+    assert keep_threshold(0.1, 0, 100) == pytest.approx(0.9)
+    assert keep_threshold(0.1, 99, 100) == pytest.approx(0.99)
+    assert keep_threshold(1.5, 10, 100) == 0.0  # L >= 1 would go negative: clamped
+    assert keep_threshold(0.0, 5, 100) == 0.999
+    with pytest.raises(ValueError, match="finite"):
+        keep_threshold(float("nan"), 0, 10)
+
+
+def test_ac_lora_keeps_signal_rank():
+    g = torch.Generator().manual_seed(0)
+    S = torch.cat([torch.tensor([10.0, 8.0, 6.0]), torch.rand(29, generator=g) * 0.01])
+    assert keep_components(S, 0.99, "energy") == 3
+
+
+def test_ac_lora_flat_tail_energy_vs_paper():
+    S = torch.tensor([10.0, 10.0, 10.0] + [0.01] * 61)
+    assert keep_components(S, 0.99, "energy") == 3
+    assert keep_components(S, 0.99, "paper") == 33
+
+
+def test_ac_lora_product_restart_leaves_exact_rank_k():
+    model = linear_model()
+    ad = inject(model, make_config("ac_lora", rank=8, targets="0"))
+    layer = ad.layers["0"]
+    with torch.no_grad():  # a rank-3 signal plus small noise in the product
+        layer.lora_B.copy_(torch.linalg.qr(torch.randn(24, 8))[0] * torch.tensor([3.0, 2.0, 1.5] + [0.003] * 5))
+        layer.lora_A.copy_(torch.linalg.qr(torch.randn(20, 8))[0].T)
+    opt = torch.optim.AdamW(ad.parameters(), lr=1e-3)
+    model(torch.randn(4, 20)).sum().backward()
+    opt.step()
+    before = layer.delta_weight().detach().clone()
+    info = ad.restart(mean_loss=0.1, epoch=0, total_epochs=100, optimizer=opt)
+    assert info["ranks"]["0"] == 3 and layer.native_rank() == 3
+    after = layer.delta_weight()
+    assert int(torch.linalg.matrix_rank(after, atol=1e-5)) == 3
+    sp = analysis.batched_spectra({"w": (before, torch.eye(20))})["w"]
+    best3 = analysis.truncate(sp, 3)
+    assert torch.allclose(after, best3[0] @ best3[1], atol=1e-4)
+    assert layer.lora_A.grad is not None and layer.lora_A not in opt.state  # moments reset
+    assert layer.lora_A[3:].abs().sum() > 0 and layer.lora_B[:, 3:].abs().sum() == 0  # fresh slots
+
+
+def test_ac_lora_paper_mode_takes_max_of_counts():
+    model = linear_model()
+    ad = inject(model, make_config("ac_lora", rank=8, targets="0", mode="paper"))
+    layer = ad.layers["0"]
+    with torch.no_grad():
+        QA = torch.linalg.qr(torch.randn(20, 8))[0].T
+        QB = torch.linalg.qr(torch.randn(24, 8))[0]
+        layer.lora_A.copy_(torch.diag(torch.tensor([5.0, 4.0] + [1e-4] * 6)) @ QA)  # A: 2 components
+        layer.lora_B.copy_(QB @ torch.diag(torch.tensor([5.0, 4.0, 3.0, 2.0] + [1e-4] * 4)))  # B: 4 components
+    k_a = keep_components(torch.linalg.svdvals(layer.lora_A), 0.99)
+    k_b = keep_components(torch.linalg.svdvals(layer.lora_B), 0.99)
+    assert (k_a, k_b) == (2, 4)
+    info = ad.restart(mean_loss=0.1, epoch=99, total_epochs=100)
+    assert info["ranks"]["0"] == max(k_a, k_b) == 4
+
+
+def test_ac_lora_schedule():
+    ad = inject(linear_model(), make_config("ac_lora", rank=4, targets="0", restart_every_epochs=10))
+    due = [e for e in range(100) if ad.restart_due(e, 100, 0, 1000, epoch_end=True)]
+    assert due == list(range(9, 99, 10))
+    ad = inject(linear_model(), make_config("ac_lora", rank=4, targets="0", restart_every_steps=25))
+    assert [s for s in range(100) if ad.restart_due(0, 1, s, 100, epoch_end=False)] == [24, 49, 74]
+
+
+# --- TriLoRA ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sigma_init", ["one", "w0"])
+def test_trilora_init_and_first_gradient(sigma_init):
+    model = linear_model()
+    x = torch.randn(8, 20)
+    y0 = model(x).detach()
+    ad = inject(model, make_config("tri_lora", rank=6, targets="0", sigma_init=sigma_init))
+    layer = ad.layers["0"]
+    assert torch.equal(model(x).detach(), y0)
+    model(x).pow(2).sum().backward()
+    assert layer.tri_Vt.grad.abs().sum() > 0
+    assert layer.tri_U.grad.abs().sum() == 0 and layer.tri_sigma.grad.abs().sum() == 0
+    if sigma_init == "w0":
+        sigma = layer.tri_sigma.detach()
+        assert float(sigma[0]) == pytest.approx(1.0) and bool((sigma[:-1] >= sigma[1:]).all())
+
+
+# --- LoRA² --------------------------------------------------------------------------------------------------
+def test_lora2_importance_sums_to_one_and_quantile_rank():
+    for nu in (0.01, 0.1, 0.5, 2.0):
+        assert float(importance(torch.tensor(nu, dtype=torch.float64), 20000).sum()) == pytest.approx(1.0, abs=1e-6)
+    for r in range(4, 257):
+        assert int(rank_from_nu(torch.tensor(nu_for_rank(r, 0.9)), 0.9, 512)) == r
+
+
+def test_lora2_growing_rank_leaves_output_unchanged():
+    model = linear_model()
+    ad = inject(model, make_config("lora2", rank=4, max_rank=16, targets="0"))
+    layer = ad.layers["0"]
+    with torch.no_grad():
+        layer.lora_B[:, :4] = torch.randn(24, 4)
+    x = torch.randn(8, 20)
+    y = model(x).detach()
+    grown, _ = layer.set_rank(9)
+    assert int(grown.sum()) == 5 and layer.native_rank() == 9
+    assert layer.lora_A[4:9].abs().sum() > 0  # new rows initialised
+    assert torch.allclose(model(x).detach(), y, atol=1e-6)
+
+
+def _toy_rank_run(lambda_r: float, steps: int = 300) -> int:
+    torch.manual_seed(0)
+    k = d = 32
+    r = 4
+    model = nn.Sequential(nn.Linear(k, d, bias=False))
+    target = (torch.randn(d, 2 * r) @ torch.randn(2 * r, k)) / 8  # true rank 2r
+    ad = inject(model, make_config("lora2", rank=r, max_rank=32, targets="0", lambda_r=lambda_r, lambda_e=0.0,
+                                   rho_lr=0.05))
+    opt = torch.optim.Adam(ad.param_groups(1e-2))
+    for step in range(steps):
+        ad.before_step(step, opt)
+        x = torch.randn(64, k)
+        loss = (model(x) - model[0].base(x) - x @ target.T).pow(2).mean()
+        extra, _ = ad.extra_loss()
+        loss = loss + extra if extra is not None else loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return ad.layers["0"].native_rank()
+
+
+def test_lora2_rank_grows_without_regulariser_and_stays_with_it():
+    assert _toy_rank_run(0.0) >= 7  # from 4 towards the true rank 8
+    assert _toy_rank_run(1.0) <= 5
+
+
+def test_lora2_entropy_term_is_recorded_on_cross_attention():
+    from test_adapters import inputs, tiny_unet
+
+    unet = tiny_unet()
+    x, t, c = inputs()
+    with torch.no_grad():
+        y0 = unet(x, t, c).sample
+    ad = inject(unet, make_config("lora2", rank=4, max_rank=8, lambda_e=1e-2))
+    y = unet(x, t, c).sample
+    assert torch.allclose(y, y0, atol=1e-5)
+    extra, terms = ad.extra_loss()
+    assert 0 < float(terms["entropy"]) <= 1.0 and "rank_reg" in terms
+    extra.backward()
+    ad.remove()
+    assert all(type(m.processor).__name__ != "EntropyAttnProcessor" for m in unet.modules() if hasattr(m, "processor"))
+
+
+# --- pruning criteria ---------------------------------------------------------------------------------------
+S_KNOWN = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.5, 0.25, 0.1, 0.05])
+
+
+@pytest.mark.parametrize("criterion,value,expected", [
+    ("energy", 0.9, 2),  # 100+25 = 125 of 130.39 = 0.959 >= 0.9; 100/130.39 = 0.767
+    ("energy", 0.99, 4),
+    ("sv_ratio", 4.0, 2),  # s > 2.5
+    ("sv_ratio", 25.0, 5),  # s > 0.4
+    ("sv_cumulative", 0.9, 4),  # cumulative s: 10, 15, 17, 18 of 18.9 -> 0.952 >= 0.9 at 4
+    ("sv_fro", 0.95, 2),  # s^2 fraction >= 0.9025: 0.959 at 2
+])
+def test_pruning_criteria_on_known_spectrum(criterion, value, expected):
+    assert analysis.keep_count(S_KNOWN, criterion, value) == expected
+
+
+def _kohya_reference(S: torch.Tensor, criterion: str, value: float) -> int:
+    """sd-scripts' resize_lora rule, restated from its documented behaviour for the parity test."""
+    n = len(S)
+    if criterion == "sv_ratio":
+        index = int((S > S[0] / value).sum())
+    else:
+        w = S if criterion == "sv_cumulative" else S.pow(2)
+        target = value if criterion == "sv_cumulative" else value**2
+        index = int(torch.searchsorted(w.cumsum(0) / w.sum(), torch.tensor(target))) + 1
+    index = max(1, min(index, n - 1))
+    return index + 1
+
+
+@pytest.mark.parametrize("criterion,value", [("sv_ratio", 4.0), ("sv_ratio", 25.0), ("sv_cumulative", 0.9),
+                                             ("sv_fro", 0.95), ("sv_fro", 0.5), ("sv_cumulative", 0.99)])
+def test_kohya_compat_parity(criterion, value):
+    ours = analysis.keep_count(S_KNOWN, criterion, value, kohya_compat=True)
+    assert ours == _kohya_reference(S_KNOWN, criterion, value)
+    native = analysis.keep_count(S_KNOWN, criterion, value)
+    assert ours == min(native, len(S_KNOWN) - 1) + 1  # one component more than the minimum
+
+
+def test_choose_ranks_cap_and_floor():
+    spectra = {"a": analysis.Spectrum(None, S_KNOWN, None), "z": analysis.Spectrum(None, torch.zeros(8), None)}
+    assert analysis.choose_ranks(spectra, tau=0.99) == {"a": 4, "z": 1}
+    assert analysis.choose_ranks(spectra, tau=0.99, cap=3) == {"a": 3, "z": 1}
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="tau must be in"):
+            analysis.choose_ranks(spectra, tau=bad)
+    with pytest.raises(ValueError, match="rank cap must be a positive integer"):
+        analysis.choose_ranks(spectra, tau=0.9, cap=0)
+    assert math.isclose(analysis.kept_energy(analysis.Spectrum(None, S_KNOWN, None), 8), 1.0)

@@ -1,0 +1,210 @@
+"""The trainer on a tiny random pipeline: every method trains, run folders, stop, resume after a kill, rank hooks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from helpers import REPO, adapter_tensors, make_image_folder, save_tiny_pipeline
+
+from engine import events as ev
+from engine.export import load_lora_file
+from engine.runs import RunFolder
+from engine.train import TrainConfig, resume_run, train
+
+SMALL = {"lora": {}, "ac_lora": {"restart_every_steps": 2}, "tri_lora": {}, "lora2": {"max_rank": 8}}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(save_tiny_pipeline(tmp_path_factory.mktemp("model") / "tiny-sd"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return str(make_image_folder(tmp_path_factory.mktemp("data") / "ds", n=4))
+
+
+def config(model, dataset, out, **kw) -> TrainConfig:
+    base = dict(dataset=dataset, base_model=model, rank=4, steps=3, lr=1e-3, rank_every=2, output_dir=str(out))
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("method", list(SMALL))
+def test_each_method_trains_and_fills_the_run_folder(model, dataset, tmp_path, method):
+    events = []
+    cfg = config(model, dataset, tmp_path / "run", method=method, method_settings=SMALL[method],
+                 sample_every=2, sample_prompts=["red circle"], sample_steps=2)
+    result = train(cfg, emit=events.append)
+    assert result.state == "finished" and result.step == 3
+    run = RunFolder(result.run_dir)
+    for name in ("config.json", "metrics.jsonl", "ranks.jsonl", "status.json", "adapter.safetensors",
+                 "lora_kohya.safetensors", "lora_diffusers.safetensors"):
+        assert (run / name).is_file(), name
+    assert [m["step"] for m in run.metrics()] == [1, 2, 3]
+    assert all(m["loss"] > 0 for m in run.metrics())
+    assert len(run.sample_paths()) == 2  # step 2 and the end
+    assert run.status()["state"] == "finished"
+    assert TrainConfig.from_dict(run.config()).method == method
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[0] == "Started" and kinds[-1] == "Finished" and kinds.count("Step") == 3
+    ranks = [r for r in run.ranks() if r["type"] == "ranks"]
+    assert [r["step"] for r in ranks] == [2, 3] and ranks[-1]["effective"]
+    for fmt in ("kohya", "diffusers"):
+        lora = load_lora_file(run.lora_file(fmt))
+        assert lora.fmt == fmt and len(lora.factors) == len(ranks[-1]["native"])
+    assert any(t.abs().sum() > 0 for k, t in adapter_tensors(run.path).items() if "B" in k or "Vt" in k)
+
+
+def test_sdxl_trains(tmp_path, dataset):
+    model = save_tiny_pipeline(tmp_path / "tiny-sdxl", sdxl=True)
+    result = train(config(str(model), dataset, tmp_path / "run", steps=2))
+    assert result.state == "finished"
+    assert load_lora_file(RunFolder(result.run_dir).lora_file("kohya")).factors
+
+
+def test_stop_is_honoured_within_one_step_and_resume_matches(model, dataset, tmp_path):
+    cfg = config(model, dataset, tmp_path / "full", method="lora2", steps=6,
+                 method_settings={"max_rank": 8, "rho_lr": 0.05, "lambda_r": 0.0})
+    full = train(cfg)
+    stop = threading.Event()
+
+    def emit(e):
+        if isinstance(e, ev.Step) and e.step == 2:
+            stop.set()
+
+    part = train(cfg.__class__(**{**cfg.to_dict(), "output_dir": str(tmp_path / "part")}), emit, stop)
+    assert part.state == "stopped" and part.step == 2
+    assert RunFolder(part.run_dir).latest_checkpoint()[0] == 2
+    assert RunFolder(part.run_dir).status()["state"] == "stopped"
+    rest = resume_run(part.run_dir)
+    assert rest.state == "finished" and rest.step == 6
+    a, b = adapter_tensors(full.run_dir), adapter_tensors(rest.run_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    assert [m["step"] for m in RunFolder(rest.run_dir).metrics()] == list(range(1, 7))
+
+
+def _cli_train(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.Popen([sys.executable, "-m", "engine", "train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_kill_matches_uninterrupted(model, dataset, tmp_path):
+    settings = {"restart_every_steps": 5}
+    steps = 24
+    cfg = config(model, dataset, tmp_path / "full", method="ac_lora", steps=steps, method_settings=settings,
+                 checkpoint_every=4)
+    full = train(cfg)
+    killed = tmp_path / "killed"
+    args = ["--dataset", dataset, "--base-model", model, "--method", "ac_lora", "--rank", "4", "--steps", str(steps),
+            "--lr", "1e-3", "--rank-every", "2", "--checkpoint-every", "4", "--method-settings", json.dumps(settings),
+            "--output-dir", str(killed)]
+    proc = _cli_train(*args)
+    run = RunFolder(killed)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        latest = run.latest_checkpoint()
+        if latest and latest[0] >= 8:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "adapter.safetensors").exists()
+    done = _cli_train("--resume", str(killed))
+    _, err = done.communicate(timeout=240)
+    assert done.returncode == 0, err[-3000:]
+    a, b = adapter_tensors(full.run_dir), adapter_tensors(killed)
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    assert [m["step"] for m in run.metrics()] == list(range(1, steps + 1))
+    restarts = [r["step"] for r in run.ranks() if r["type"] == "restart"]
+    assert restarts == [r["step"] for r in RunFolder(full.run_dir).ranks() if r["type"] == "restart"]
+
+
+def test_ac_lora_restarts_at_scheduled_epochs_and_changes_ranks(model, dataset, tmp_path):
+    events = []
+    cfg = config(model, dataset, tmp_path / "run", method="ac_lora", rank=8, steps=None, epochs=3, lr=1e-2,
+                 rank_every=1, method_settings={"restart_every_epochs": 1})
+    result = train(cfg, events.append)
+    restarts = [e for e in events if isinstance(e, ev.Restart)]
+    started = next(e for e in events if isinstance(e, ev.Started))
+    assert started.steps_per_epoch == 4 and result.step == 12
+    assert [r.epoch for r in restarts] == [0, 1]  # after epochs 0 and 1, never after the last
+    assert [r.step for r in restarts] == [4, 8]
+    native = {e.step: e.native for e in events if isinstance(e, ev.Ranks)}
+    assert set(native[3].values()) == {8}
+    assert native[4] == restarts[0].ranks and native[4] != native[3]
+    assert all(1 <= k <= 8 for r in restarts for k in r.ranks.values())
+    assert all(0.0 <= r.p <= 0.999 for r in restarts)
+
+
+def _lora2_drift(model, dataset, out, **settings) -> tuple[float, int]:
+    events = []
+    cfg = config(model, dataset, out, method="lora2", rank=8, steps=8, lr=1e-2, rank_every=0,
+                 method_settings={"max_rank": 16, "lambda_e": 0.0, **settings})
+    train(cfg, events.append)
+    from safetensors.torch import load_file
+
+    import torch.nn.functional as F
+    from engine.adapters.lora2 import nu_for_rank
+
+    rhos = [t for k, t in load_file(str(out / "adapter.safetensors")).items() if k.endswith("rho")]
+    nu_t = nu_for_rank(8, 0.9)
+    drift = max(abs(float(F.softplus(r)) - nu_t) for r in rhos)
+    return drift, sum(1 for e in events if isinstance(e, ev.RankChange))
+
+
+def test_lora2_ranks_move_with_lr_and_regulariser(model, dataset, tmp_path):
+    free, free_changes = _lora2_drift(model, dataset, tmp_path / "free", lambda_r=0.0, rho_lr=0.1)
+    held, _ = _lora2_drift(model, dataset, tmp_path / "held", lambda_r=10.0, rho_lr=0.1)
+    still, still_changes = _lora2_drift(model, dataset, tmp_path / "still", lambda_r=0.0, rho_lr=0.0)
+    assert free_changes > 0 and still_changes == 0 and still == pytest.approx(0.0, abs=1e-6)
+    assert free > 2 * held
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"method": "dora"}, "method"), ({"lr": -1.0}, "lr"), ({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size"),
+    ({"mixed_precision": "fp8"}, "mixed_precision"), ({"method_settings": {"nope": 1}}, "nope"),
+    ({"dataset": ""}, "dataset"), ({"resolution": 30}, "resolution"), ({"steps": None, "epochs": None}, "steps"),
+    ({"sample_prompts": "a cat"}, "sample_prompts")])
+def test_config_rejects_bad_values_by_name(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{"dataset": "x", **bad})
+
+
+def test_bad_dataset_is_a_clear_error(model, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match="broken.png"):
+        train(config(model, str(empty), tmp_path / "run"))
+    failed = RunFolder(tmp_path / "run")
+    assert failed.status()["state"] == "failed" and "broken.png" in failed.status()["error"]
+    with pytest.raises(ValueError, match="not found"):
+        train(config(model, str(tmp_path / "missing"), tmp_path / "run2"))
+
+
+def test_existing_run_folder_is_not_overwritten(model, dataset, tmp_path):
+    train(config(model, dataset, tmp_path / "run", steps=1))
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(config(model, dataset, tmp_path / "run", steps=1))
+
+
+def test_given_pipeline_is_returned_clean(model, dataset, tmp_path):
+    from engine.models import load_pipeline
+
+    pipe = load_pipeline(model)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    train(config(model, dataset, tmp_path / "run", steps=2), pipeline=pipe)
+    after = pipe.unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
