@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import analysis
+from engine.adapters.fused import lowrank_linear
 
 TARGET_PRESETS = {
     "attn": ("to_q", "to_k", "to_v", "to_out.0"),
@@ -94,10 +95,11 @@ class AdapterLayer(nn.Module):
         self.config = config
         self.scale = config.scale
         self.merged = False
+        self.fused = True  # one fused autograd op per Linear (engine/adapters/fused.py); False: separate ops
 
     # --- what every method defines -------------------------------------------------------------
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(up d x r, down r x k) with every scale folded in, so that delta_weight() == up @ down."""
+    def chain(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(down A: r x k, up B: d x r, per-rank vector v: r or None) with dW = scale * B diag(v) A."""
         raise NotImplementedError
 
     def native_rank(self) -> int:
@@ -107,16 +109,31 @@ class AdapterLayer(nn.Module):
         """Rank of the plain LoRA this layer exports to without pruning (lossless unless the method says so)."""
         return self.native_rank()
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     # --- shared ------------------------------------------------------------------------------------
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up d x r, down r x k) with every scale folded in, so that delta_weight() == up @ down."""
+        down, up, vec = self.chain()
+        return (up * self.scale if vec is None else up * (vec * self.scale)), down
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The update's output alone, as separate ops (used for 1x1 convs and when `fused` is off)."""
+        down, up, vec = self.chain()
+        h = self.mid(x, down)
+        h = h * self.scale if vec is None else self.channel_scale(h, vec * self.scale)
+        return self.up_proj(h, up)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.merged:
-            return y
+            return self.base(x)
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        if self.fused and not self.is_conv:
+            cd = torch.get_autocast_dtype(device_type) if autocast else self.base.weight.dtype
+            down, up, vec = self.chain()
+            return lowrank_linear(x.to(cd), self.base.weight, self.base.bias, down, up, vec, self.scale)
+        y = self.base(x)
         dtype = self.param_dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != dtype and not autocast:
             x = x.to(dtype)
         return y + self.adapter_forward(x).to(y.dtype)
 
@@ -152,12 +169,6 @@ class AdapterLayer(nn.Module):
 
     def _as_weight(self, dw: torch.Tensor) -> torch.Tensor:
         return dw[:, :, None, None] if self.is_conv else dw
-
-    def lowrank(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """x -> up(down x) for Linear (..., k) or 1x1-conv (N, k, H, W) inputs."""
-        if self.is_conv:
-            return F.conv2d(F.conv2d(x, down[:, :, None, None]), up[:, :, None, None])
-        return F.linear(F.linear(x, down), up)
 
     def mid(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, down[:, :, None, None]) if self.is_conv else F.linear(x, down)

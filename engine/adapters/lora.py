@@ -32,12 +32,8 @@ class LoRALayer(AdapterLayer):
         self.lora_A = nn.Parameter(init_down(r, self.in_features, config.init, generator))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r))
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.lowrank(x, self.lora_A, self.lora_B)
-        return h if self.scale == 1 else h * self.scale
-
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_B * self.scale, self.lora_A
+    def chain(self) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return self.lora_A, self.lora_B, None
 
     def native_rank(self) -> int:
         return self.config.rank

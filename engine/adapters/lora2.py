@@ -92,12 +92,8 @@ class LoRA2Layer(AdapterLayer):
             lam2 = float(self.lambdas().float().pow(2).sum())
         return math.sqrt(self.config.init_c / (self.in_features * max(lam2, 1e-12)))
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.channel_scale(self.mid(x, self.lora_A), self.lambdas() * self.scale)
-        return self.up_proj(h, self.lora_B)
-
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_B * (self.lambdas() * self.scale), self.lora_A
+    def chain(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.lora_A, self.lora_B, self.lambdas()
 
     def native_rank(self) -> int:
         return int(self.active.sum())

@@ -42,12 +42,8 @@ class TriLoRALayer(AdapterLayer):
         sigma = w0_sigma(base.weight, R) if config.sigma_init == "w0" else torch.ones(R)
         self.tri_sigma = nn.Parameter(sigma)
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.channel_scale(self.mid(x, self.tri_Vt), self.tri_sigma * self.scale)
-        return self.up_proj(h, self.tri_U)
-
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tri_U * (self.tri_sigma * self.scale), self.tri_Vt
+    def chain(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.tri_Vt, self.tri_U, self.tri_sigma
 
     @torch.no_grad()
     def native_rank(self) -> int:

@@ -1,0 +1,65 @@
+"""One fused autograd op for every method's linear layer: y = x (W + s B diag(v) A)^T + b, with hand-written backward.
+
+Why: an adapted layer done as separate ops (two matmuls, a scale, an add on the N x d output, dtype casts) costs
+several kernel launches and autograd nodes per layer; on SDXL's 560 adapted layers that dominates the step.
+Here the forward is one `addmm` (W + s B diag(v) A, a d x k update) and the layer's own matmul; the backward
+recomputes the merged weight instead of storing it, and forms the low-rank gradients from N x r products.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _scaled_up(up: torch.Tensor, vec: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    if vec is None:
+        return (up * scale if scale != 1 else up).to(dtype)
+    return (up * (vec * scale)).to(dtype)
+
+
+class LowRankLinear(torch.autograd.Function):
+    """x: (..., k) in the compute dtype; weight (d, k) frozen; down A (r, k), up B (d, r), vec v (r) or None."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, vec, scale):
+        with torch.autocast(x.device.type, enabled=False):
+            cd = x.dtype
+            w = torch.addmm(weight.to(cd), _scaled_up(up, vec, scale, cd), down.to(cd))
+            y = F.linear(x, w, None if bias is None else bias.to(cd))
+        ctx.save_for_backward(x, weight, down, up, vec)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, down, up, vec = ctx.saved_tensors
+        s = ctx.scale
+        with torch.autocast(g.device.type, enabled=False):
+            cd = x.dtype
+            g = g.to(cd)
+            k, d = x.shape[-1], g.shape[-1]
+            x2, g2 = x.reshape(-1, k), g.reshape(-1, d)
+            downc = down.to(cd)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                w = torch.addmm(weight.to(cd), _scaled_up(up, vec, s, cd), downc)
+                grad_x = (g2 @ w).view(x.shape)
+            h = x2 @ downc.T  # (N, r)
+            gb = g2 @ up.to(cd)  # (N, r)
+            if vec is None:
+                ls = None
+                grad_up = (g2.T @ h) * s if s != 1 else g2.T @ h
+                grad_down = (gb.T @ x2) * s if s != 1 else gb.T @ x2
+            else:
+                ls = (vec * s).to(cd)
+                grad_up = g2.T @ (h * ls)
+                grad_down = (gb * ls).T @ x2
+            grad_vec = None
+            if vec is not None and ctx.needs_input_grad[5]:
+                acc = torch.promote_types(cd, torch.float32)
+                grad_vec = ((gb.to(acc) * h.to(acc)).sum(0) * s).to(vec.dtype)
+        return grad_x, None, None, grad_down.to(down.dtype), grad_up.to(up.dtype), grad_vec, None
+
+
+def lowrank_linear(x, weight, bias, down, up, vec, scale: float):
+    return LowRankLinear.apply(x, weight, bias, down, up, vec, scale)
