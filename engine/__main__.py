@@ -181,6 +181,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_help() -> str:
+    """The --method-settings keys of every method, from the adapter config dataclasses."""
+    from engine.adapters import get_method, method_names
+
+    lines = ["method settings (JSON keys of --method-settings):"]
+    for name in method_names():
+        m = get_method(name)
+        lines.append(f"  {name} ({m.display}):")
+        for key, info in m.config_cls.field_help().items():
+            if key not in ("rank", "seed"):
+                lines.append(f"    {key} = {info['default']!r}: {info.get('help', '')}")
+    return "\n".join(lines) + "\n\n" + EPILOG
+
+
 # --- parser -------------------------------------------------------------------------------------------------
 def _prune_options(p: argparse.ArgumentParser, need_out: bool = True) -> None:
     p.add_argument("source", help="a run folder, or a LoRA .safetensors file (kohya or diffusers)")
@@ -205,7 +219,8 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
                                      epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    t = sub.add_parser("train", help="train one adapter into a run folder", epilog=EPILOG,
+    t = sub.add_parser("train", help="train one adapter into a run folder", epilog=_method_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train one adapter. Ctrl-C stops after the current step with a checkpoint; "
                        "--resume RUN_DIR continues it.")
     t.add_argument("--config", metavar="JSON_FILE", help="take defaults from a config.json (options still override)")

@@ -1,4 +1,4 @@
-"""Image captioners (the bundled mini-world reader, BLIP, BLIP-2, Florence-2, chat VLMs), folder captioning and its CLI."""
+"""Image captioners (bundled mini-world reader, BLIP, BLIP-2, Florence-2, chat VLMs), folder captioning and a CLI."""
 from __future__ import annotations
 
 import argparse
@@ -322,14 +322,14 @@ def load_captioner(model_id_or_path: str, device: str | torch.device | None = No
     if looks_local and not Path(model_id).expanduser().is_dir():
         raise ValueError(f"model folder not found: {model_id!r}")
     trust = bool(options.pop("trust_remote_code", False))
+    dev = resolve_device(device)
+    dtype = resolve_dtype(options.pop("dtype", None), dev)
     from transformers import AutoConfig, AutoProcessor
 
     try:
         config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust)
         backend = backend_for_model_type(config.model_type)
         cls = _model_class(backend)
-        dev = resolve_device(device)
-        dtype = resolve_dtype(options.pop("dtype", None), dev)
         processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust)
         model = cls.from_pretrained(model_id, dtype=dtype, trust_remote_code=trust)
     except (OSError, ImportError) as error:
@@ -350,12 +350,15 @@ def _model_class(backend: str) -> Any:
 def _unavailable_message(model_id: str, error: BaseException) -> str:
     from huggingface_hub import constants
 
-    offline = constants.is_offline_mode()
-    where = "is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE)" if offline else (
-        "could not be loaded from the hub or the local cache")
-    return (f"captioner model {model_id!r} {where}: {type(error).__name__}: {str(error).splitlines()[0][:300]}. "
-            "Use the bundled captioner (--model bundled), download the model while online, "
-            "or write captions by hand (a .txt file next to each image).")
+    detail = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+    if isinstance(error, ImportError):
+        where = f"needs a Python package that is not installed ({detail}); install it"
+    elif constants.is_offline_mode():
+        where = f"is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE) ({detail})"
+    else:
+        where = f"could not be loaded from the hub or the local cache ({detail})"
+    return (f"captioner model {model_id!r} {where}. Use the bundled captioner (--model bundled), download the "
+            "model while online, or write captions by hand (a .txt file next to each image).")
 
 
 @dataclass
@@ -423,7 +426,7 @@ def caption_folder(
             except ImageRejected as rejected:
                 report.skipped.update({rel(path): rejected.reason for path in need})
         captions = captioner.caption([image for _, image in loaded]) if loaded else []
-        for (need, _), text in zip(loaded, captions):
+        for (need, _), text in zip(loaded, captions, strict=True):
             text = normalize_caption(text)
             if not text:
                 report.skipped.update({rel(path): "the captioner returned an empty caption" for path in need})
@@ -453,6 +456,7 @@ def add_caption_subparser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="caption length limit in tokens")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: by device)")
+    parser.add_argument("--style", default=None, help="bundled only: 'auto' writes the style the oracle reads")
     parser.add_argument("--recursive", action="store_true", help="also caption images in subfolders")
     parser.set_defaults(func=run_caption_cli)
     return parser
@@ -462,19 +466,25 @@ def run_caption_cli(args: argparse.Namespace) -> int:
     """Run the `caption` command with a tqdm progress bar; returns the process exit code (2 on bad input)."""
     from tqdm.auto import tqdm
 
-    names = ("batch_size", "prompt", "max_new_tokens", "dtype") if args.model != BUNDLED else ("batch_size",)
+    names = ("batch_size", "prompt", "max_new_tokens", "dtype") if args.model != BUNDLED else ("batch_size", "style")
     options = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     try:
         if not Path(args.folder).is_dir():
             raise ValueError(f"not a folder: {args.folder!r}")
         captioner = load_captioner(args.model, device=getattr(args, "device", None), **options)
-        with tqdm(total=0, unit="img", desc="captioning", file=sys.stderr) as bar:
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
+        bars: list[Any] = []
 
+        def progress(done: int, total: int) -> None:
+            if not bars:
+                bars.append(tqdm(total=total, unit="img", desc="captioning", file=sys.stderr))
+            bars[0].update(done - bars[0].n)
+
+        try:
             report = caption_folder(args.folder, captioner, trigger=args.trigger, overwrite=args.overwrite,
                                     progress=progress, recursive=getattr(args, "recursive", False))
+        finally:
+            for bar in bars:
+                bar.close()
     except (ValueError, CaptionerUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -170,7 +170,9 @@ def miniworld_style(dataset: str) -> str | None:
         from engine.miniworld import world
     except ImportError:
         return None
-    name = Path(dataset).name
+    from engine.data import resolve_dataset
+
+    name = resolve_dataset(dataset).name.removeprefix("style_")
     if name in world.STYLES:
         return name
     from engine.data import scan_dataset

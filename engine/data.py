@@ -45,15 +45,31 @@ class DatasetReport:
         return "\n".join(lines)
 
 
+DATASETS_DIR = Path(__file__).resolve().parents[1] / "assets" / "datasets"
+
+
+def bundled_datasets() -> list[str]:
+    """Names of the datasets shipped in assets/datasets (usable wherever a dataset folder is asked for)."""
+    return sorted(p.name for p in DATASETS_DIR.iterdir() if p.is_dir()) if DATASETS_DIR.is_dir() else []
+
+
+def resolve_dataset(folder: str | Path) -> Path:
+    """A dataset folder path; a bare bundled name (style_ink) resolves to assets/datasets/<name>."""
+    path = Path(folder)
+    if not path.is_dir() and len(path.parts) == 1 and (DATASETS_DIR / path.name).is_dir():
+        return DATASETS_DIR / path.name
+    return path
+
+
 def scan_dataset(folder: str | Path, trigger: str = "", *, min_side: int = 8) -> DatasetReport:
     """Validate every image of a dataset folder up front (decode, orient, size) and attach captions.
 
     Captions come from `metadata.jsonl` (Hugging Face imagefolder) when present, else from same-name `.txt`
     files; an image without a caption trains on the trigger word alone (noted, not skipped).
     """
-    root = Path(folder)
+    root = resolve_dataset(folder)
     if not root.is_dir():
-        raise DatasetError(f"dataset folder not found: {str(folder)!r}")
+        raise DatasetError(f"dataset folder not found: {str(folder)!r} (bundled: {', '.join(bundled_datasets())})")
     meta = root / caps.METADATA_FILE
     table = caps.import_metadata(meta) if meta.is_file() else None
     scan = imgs.scan_folder(root, recursive=table is not None)

@@ -54,7 +54,7 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB: alpha is composited over `background`, 16/32-bit and float are rescaled."""
+    """Convert any Pillow mode to 8-bit RGB: alpha composited over `background`, 16/32-bit and float rescaled."""
     mode = image.mode
     if mode == "RGB":
         return image
@@ -165,7 +165,7 @@ def probe_image(
 
 
 def scan_folder(folder: str | os.PathLike, *, recursive: bool = False) -> FolderScan:
-    """List a dataset folder: image files by extension (duplicates by SHA-256 noted), other files skipped with a reason.
+    """List a dataset folder: images by extension (SHA-256 duplicates noted), other files skipped with a reason.
 
     Only names and bytes are read here; decoding problems surface later from `load_image`.
     Sidecar-like files (.txt, .jsonl, ...) and hidden files are ignored silently.

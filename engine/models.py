@@ -80,7 +80,7 @@ def resolve_spec(spec: str) -> ModelSpec:
         folder = bundled_path()
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(f"the bundled mini model is missing at {str(folder)!r}; build it with the miniworld "
-                                 "recipe (python -m engine.miniworld) or pass another base model")
+                                 "recipe (python -m engine.miniworld.recipe) or pass another base model")
         return ModelSpec("bundled", str(folder), "sd")
     path = Path(spec).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:

@@ -62,10 +62,9 @@ class _Session:
 
 
 def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
-    from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    acc = _accelerator(cfg.mixed_precision)
     dtype = PRECISIONS[cfg.mixed_precision]
     pipe = pipeline.to(acc.device) if pipeline is not None else models.load_pipeline(cfg.base_model, acc.device, dtype)
     multiple = models.size_multiple(pipe)
@@ -94,6 +93,17 @@ def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
     noise = DDPMScheduler.from_config(pipe.scheduler.config)
     return _Session(acc, pipe, unet, adapters, optimizer, noise, data, [g["lr"] for g in groups], gen, spe, total,
                     math.ceil(total / spe), resolution)
+
+
+def _accelerator(mixed_precision: str):
+    """An Accelerator; in a single process a new precision replaces the old one (the studio trains run after run)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision) and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=False)  # accelerate's own way to re-create its state
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def _lr_factor(cfg: TrainConfig, step: int, total: int) -> float:

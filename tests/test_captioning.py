@@ -11,7 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
+from test_images import write_bomb, write_exif_rotated, write_rgb16_png
+from tokenizers.pre_tokenizers import ByteLevel
 
 from engine import captioning
 from engine.captioning import (
@@ -31,14 +34,11 @@ from engine.captioning import (
     resolve_dtype,
     run_caption_cli,
 )
-from tests.test_images import write_bomb, write_exif_rotated, write_rgb16_png
-
-transformers = pytest.importorskip("transformers")
-from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 VISION = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2,
           "image_size": 32, "patch_size": 8}
@@ -206,7 +206,7 @@ def test_vlm_prompt_uses_chat_template_or_falls_back() -> None:
     torch.manual_seed(0)
     model, processor = tiny_llava()
     captioner = captioner_from_model(model, processor, prompt="Caption it.", max_new_tokens=3)
-    assert captioner.prompt_text() == "<|user|><image>Caption it.\n<|assistant|>"
+    assert captioner.prompt_text() == "<|user|><image>Caption it.<|assistant|>"  # jinja trims the newline
     assert processor.tokenizer.padding_side == "left"
     model, processor = tiny_llava(chat_template=None)
     plain = captioner_from_model(model, processor, prompt="Caption it.", max_new_tokens=3)
@@ -411,3 +411,101 @@ def test_cli_errors_exit_2_with_a_message(tmp_path: Path, capsys: pytest.Capture
     assert "not a folder" in capsys.readouterr().err
     assert run_caption_cli(_cli(["caption", str(tmp_path), "--model", "fake-org/nothing-here"])) == 2
     assert "'fake-org/nothing-here'" in capsys.readouterr().err
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ORACLE_WEIGHTS = ROOT / "assets" / "oracle" / "oracle.safetensors"
+
+
+class FakeOracle:
+    """Stands in for the trained oracle: 'reads' a fixed scene per image, by image colour."""
+
+    def __init__(self) -> None:
+        from engine.miniworld.world import Obj, Scene
+
+        self.scenes = {
+            "red": Scene((Obj("circle", "red", "big", "left"),), "night"),
+            "blue": Scene((Obj("star", "blue", "small", "top"), Obj("square", "white", "big", "center")), "sand"),
+        }
+
+    def _scene(self, image: Image.Image) -> Any:
+        red, _, blue = np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(0)
+        return self.scenes["red" if red > blue else "blue"]
+
+    def read(self, images: list[Image.Image]) -> list[Any]:
+        return [self._scene(image) for image in images]
+
+    def readings(self, images: list[Image.Image]) -> list[Any]:
+        return [argparse.Namespace(scene=self._scene(image), style="flat") for image in images]
+
+
+def test_bundled_captioner_writes_the_world_grammar(tmp_path: Path) -> None:
+    pytest.importorskip("engine.miniworld.world")
+    red, blue = Image.new("RGB", (64, 64), (200, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 200))
+    plain = load_captioner("bundled", oracle=FakeOracle(), batch_size=1)
+    assert plain.caption([red, blue]) == [
+        "a big red circle on the left, night background",
+        "a small blue star at the top and a big white square in the center, sand background",
+    ]
+    styled = captioning.BundledCaptioner(FakeOracle(), style="auto")
+    assert styled.caption([red]) == ["flat style, a big red circle on the left, night background"]
+    with pytest.raises(ValueError, match="style must be None, 'auto' or one of .* got 'cubist'"):
+        captioning.BundledCaptioner(FakeOracle(), style="cubist")
+    red.save(tmp_path / "0.png")
+    caption_folder(tmp_path, plain, trigger="sks")
+    assert (tmp_path / "0.txt").read_text() == "sks, a big red circle on the left, night background\n"
+
+
+@pytest.fixture(scope="module")
+def bundled() -> Captioner:
+    pytest.importorskip("engine.miniworld.oracle")
+    if not ORACLE_WEIGHTS.is_file():
+        pytest.skip(f"no bundled oracle weights at {ORACLE_WEIGHTS} yet")
+    return load_captioner("bundled")
+
+
+def _attribute_accuracy(truths: list[str], predictions: list[str]) -> float:
+    from engine.miniworld.oracle import attribute_match
+    from engine.miniworld.world import parse_caption
+
+    pairs = zip(truths, predictions, strict=True)
+    return float(np.mean([attribute_match(parse_caption(t), parse_caption(p)) for t, p in pairs]))
+
+
+def test_bundled_captioner_reads_rendered_scenes(bundled: Captioner) -> None:
+    from engine.miniworld import world
+
+    scenes = world.sample_scenes(seed=1234, n=48)
+    styles = [world.BASE_STYLES[i % len(world.BASE_STYLES)] for i in range(len(scenes))]
+    predictions = bundled.caption([world.render(s, st) for s, st in zip(scenes, styles, strict=True)])
+    assert _attribute_accuracy([s.caption() for s in scenes], predictions) >= 0.95
+
+
+def test_bundled_captioner_reproduces_the_bundled_datasets(bundled: Captioner, tmp_path: Path) -> None:
+    import shutil
+
+    from engine.images import is_image_path
+
+    datasets = sorted(p for p in (ROOT / "assets" / "datasets").glob("*") if p.is_dir())
+    if not datasets:
+        pytest.skip("no bundled datasets in assets/datasets yet")
+    for folder in datasets:
+        images = [p for p in sorted(folder.iterdir()) if is_image_path(p) and p.with_suffix(".txt").is_file()]
+        assert images, f"{folder.name} has no captioned images"
+        truths = [p.with_suffix(".txt").read_text().strip() for p in images]
+        trigger = truths[0].split(",")[0]  # 'zkw style' or 'sks': the dataset's trigger comes first
+        assert all(truth.startswith(trigger + ", ") for truth in truths)
+        work = tmp_path / folder.name
+        work.mkdir()
+        for image in images:  # a caption-free copy, captioned the way a user would
+            shutil.copy(image, work / image.name)
+        start = time.perf_counter()
+        report = caption_folder(work, bundled, trigger=trigger)
+        seconds = time.perf_counter() - start
+        assert sorted(report.written) == [p.name for p in images] and not report.skipped
+        predictions = [(work / p.name).with_suffix(".txt").read_text().strip() for p in images]
+        accuracy = _attribute_accuracy(truths, predictions)
+        exact = float(np.mean([t == p for t, p in zip(truths, predictions, strict=True)]))
+        print(f"{folder.name}: {len(images)} images in {seconds:.2f} s, attribute accuracy {accuracy:.3f}, "
+              f"exact captions {exact:.2f}")
+        assert accuracy >= 0.95, (folder.name, accuracy, list(zip(truths, predictions, strict=True)))

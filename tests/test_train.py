@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from helpers import REPO, adapter_tensors, make_image_folder, save_tiny_pipeline
@@ -208,3 +209,28 @@ def test_given_pipeline_is_returned_clean(model, dataset, tmp_path):
     train(config(model, dataset, tmp_path / "run", steps=2), pipeline=pipe)
     after = pipe.unet.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_precision_can_change_between_runs_in_one_process(model, dataset, tmp_path):
+    assert train(config(model, dataset, tmp_path / "a", steps=1)).state == "finished"
+    assert train(config(model, dataset, tmp_path / "b", steps=1, mixed_precision="bf16")).state == "finished"
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_gpu", REPO / "bench" / "train_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("gc", [False, True])
+def test_gpu_real_architectures_train_every_method_in_bf16(arch, gc, tmp_path):
+    bench = _bench()
+    pipe = bench.build_pipeline(arch, torch.bfloat16).to("cuda")
+    for method in SMALL:
+        row = bench.run_case(pipe, arch, method, gc, 3, 16, tmp_path, "bf16")
+        assert row["steps"] == 3 and all(np.isfinite(row["losses"])), row

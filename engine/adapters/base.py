@@ -206,6 +206,9 @@ class AdapterSet:
         """Called before each forward; LoRA² updates its ranks here. Returns an event dict or None."""
         return None
 
+    def reset_step(self) -> None:
+        """Forget per-forward records (LoRA²'s attention entropies) left by sampling or a checkpoint recompute."""
+
     def extra_loss(self) -> tuple[torch.Tensor | None, dict[str, float]]:
         """Additional loss terms after the forward (LoRA²'s regularisers)."""
         return None, {}

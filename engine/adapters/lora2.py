@@ -142,9 +142,10 @@ class EntropyAttnProcessor:
         if attention_mask is not None:
             scores = scores + attn.prepare_attention_mask(attention_mask, k.shape[2], b).view(b, h, -1, k.shape[2])
         out = scores.softmax(-1) @ v
-        logp = scores.float().log_softmax(dim=2)  # distribution over image positions per token
-        ent = -(logp.exp() * logp).sum(2).mean() / math.log(max(n, 2))
-        self.store.append(ent)
+        if torch.is_grad_enabled():  # training only: nothing is kept while sampling
+            logp = scores.float().log_softmax(dim=2)  # distribution over image positions per token
+            ent = -(logp.exp() * logp).sum(2).mean() / math.log(max(n, 2))
+            self.store.append(ent)
         out = out.transpose(1, 2).reshape(b, n, -1).to(q.dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -182,6 +183,7 @@ class LoRA2Set(AdapterSet):
     @torch.no_grad()
     def before_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
         """Recompute D for every layer (one host sync for all) and resize the layers whose D changed."""
+        self.reset_step()  # drop entries a gradient-checkpointing recompute appended during the last backward
         layers = list(self.layers.values())
         if not layers:
             return None
@@ -195,6 +197,9 @@ class LoRA2Set(AdapterSet):
                     _reset_slices(optimizer, layer, grown | shrunk)
                 changed[name] = d
         return {"ranks": changed} if changed else None
+
+    def reset_step(self) -> None:
+        self._entropies.clear()
 
     def extra_loss(self) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """lambda_r * sum |nu - nu_t| + lambda_e * mean cross-attention entropy (values detached for logging)."""

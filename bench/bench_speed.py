@@ -1,0 +1,281 @@
+"""Training-step speed of our adapters against the frozen-UNet floor and PEFT LoRA, measured side by side in one run.
+
+GPU:  python bench/bench_speed.py --out bench/results            (SD1.5 batch 4 at 512 px, SDXL batch 1 at 1024 px)
+CPU:  python bench/bench_speed.py --device cpu --arch mini        (bundled mini model; seconds; no bars asserted)
+
+Writes results.json and results.md (ratios: x floor in the same mode, x PEFT). UNets are built from config
+with random weights: speed does not depend on the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.adapters import inject, make_config, method_names  # noqa: E402
+
+SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=768, attention_head_dim=8)
+SDXL = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
+            attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def build_unet(arch: str, device: str, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    if arch == "mini":
+        mini = Path(__file__).resolve().parents[1] / "assets" / "mini-sd" / "unet"
+        if mini.is_dir():
+            unet = UNet2DConditionModel.from_pretrained(mini)
+        else:
+            unet = UNet2DConditionModel(sample_size=16, block_out_channels=(64, 128), layers_per_block=1,
+                                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
+                                        attention_head_dim=8, norm_num_groups=32)
+        return unet.to(device, dtype).requires_grad_(False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**(SD15 if arch == "sd15" else SDXL))
+    return unet.to(dtype).requires_grad_(False)
+
+
+def make_inputs(unet, arch: str, batch: int, device: str, dtype: torch.dtype):
+    cfg = unet.config
+    size = cfg.sample_size
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, cfg.in_channels, size, size, device=device, dtype=dtype, generator=g)
+    t = torch.randint(0, 1000, (batch,), device=device, generator=g)
+    c = torch.randn(batch, 77 if arch != "mini" else 16, cfg.cross_attention_dim, device=device, dtype=dtype, generator=g)
+    kw = {}
+    if cfg.addition_embed_type == "text_time":
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, device=device, dtype=dtype, generator=g),
+                                   "time_ids": torch.randn(batch, 6, device=device, dtype=dtype, generator=g)}
+    return x, t, c, kw
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step, device: str, warmup: int, steps: int) -> tuple[float, float]:
+    """Median seconds per step after warm-up, and peak memory in GiB (CUDA only)."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+    return statistics.median(times), peak
+
+
+def floor_step(unet, inputs, autocast: bool, device: str):
+    x, t, c, kw = inputs
+
+    def step():
+        xi = x.detach().requires_grad_(True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            out = unet(xi, t, c, **kw).sample
+        out.float().pow(2).mean().backward()
+    return step
+
+
+def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None):
+    x, t, c, kw = inputs
+    fused = device == "cuda"
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused) if isinstance(params[0], dict) or fused else \
+        torch.optim.AdamW(params, lr=1e-4)
+    counter = [0]
+
+    def step():
+        if adapters is not None:
+            adapters.before_step(counter[0], opt)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            out = unet(x, t, c, **kw).sample
+        loss = out.float().pow(2).mean()
+        if adapters is not None:
+            extra, _ = adapters.extra_loss()
+            if extra is not None:
+                loss = loss + extra
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        counter[0] += 1
+    return step
+
+
+def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, rank=16, method=None, mode="bf16",
+             checkpointing=False, fused=True, results=None):
+    unet = unet_fn()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    inputs = make_inputs(unet, arch, batch, device, dtype)
+    autocast = mode == "autocast"
+    adapters = None
+    if kind == "floor":
+        step = floor_step(unet, inputs, autocast, device)
+    elif kind == "peft":
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="gaussian"))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()  # fp32 adapter weights, as the diffusers training scripts cast them
+        step = train_step(unet, inputs, params, autocast, device)
+    else:
+        extra = {"max_rank": max(rank * 2, 8)} if method == "lora2" else {}
+        adapters = inject(unet, make_config(method, rank=rank, **extra))
+        for layer in adapters.layers.values():
+            layer.fused = fused
+        step = train_step(unet, inputs, adapters.param_groups(1e-4), autocast, device, adapters)
+    sec, peak = time_steps(step, device, warmup, steps)
+    row = {"name": name, "arch": arch, "batch": batch, "kind": kind, "method": method or kind, "rank": rank,
+           "mode": mode, "checkpointing": checkpointing, "fused": fused, "step_s": sec, "peak_gib": peak}
+    print(json.dumps(row), flush=True)
+    results.append(row)
+    del unet, adapters, step
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def svd_timings(arch, device, dtype, rank, results):
+    """AC-LoRA restart and a full per-layer rank measurement (batched cheap SVD) on random adapters."""
+    unet = build_unet(arch, device, dtype)
+    ad = inject(unet, make_config("ac_lora", rank=rank))
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.normal_(0, 0.02)
+    out = {}
+    for label, fn in (("rank_measure_s", lambda: ad.effective_ranks(0.9)),
+                      ("ac_restart_s", lambda: ad.restart(0.2, 3, 10))):
+        fn()
+        sync(device)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        out[label] = statistics.median(times)
+    row = {"name": f"{arch} svd r{rank}", "arch": arch, "kind": "svd", "rank": rank, "layers": len(ad.layers), **out}
+    print(json.dumps(row), flush=True)
+    results.append(row)
+
+
+def plan(arch: str, quick: bool):
+    """(name, kwargs) for each case of one architecture."""
+    cases = [("floor bf16", dict(kind="floor", mode="bf16")), ("floor autocast", dict(kind="floor", mode="autocast")),
+             ("floor bf16 ckpt", dict(kind="floor", mode="bf16", checkpointing=True))]
+    ranks = (16,) if quick else (16, 64)
+    for m in method_names():
+        for r in ranks:
+            cases.append((f"{m} r{r} bf16", dict(kind="ours", method=m, rank=r)))
+    if not quick:
+        for m in method_names():
+            cases.append((f"{m} r16 bf16 ckpt", dict(kind="ours", method=m, rank=16, checkpointing=True)))
+        cases.append(("lora r16 autocast", dict(kind="ours", method="lora", rank=16, mode="autocast")))
+        cases.append(("lora r16 bf16 unfused", dict(kind="ours", method="lora", rank=16, fused=False)))
+    cases += [(f"peft r{r} autocast", dict(kind="peft", rank=r, mode="autocast")) for r in ranks]
+    cases.append(("peft r16 bf16", dict(kind="peft", rank=16, mode="bf16")))
+    if not quick:
+        cases.append(("peft r16 autocast ckpt", dict(kind="peft", rank=16, mode="autocast", checkpointing=True)))
+    return cases
+
+
+def ratios(results):
+    floors = {(r["arch"], r["mode"], r["checkpointing"]): r["step_s"] for r in results if r["kind"] == "floor"}
+    peft = {(r["arch"], r["rank"], r["checkpointing"], r["mode"]): r for r in results if r["kind"] == "peft"}
+    for r in results:
+        if r["kind"] in ("svd",):
+            continue
+        f = floors.get((r["arch"], r["mode"], r["checkpointing"]))
+        r["x_floor"] = r["step_s"] / f if f else None
+        key = (r["arch"], r["rank"], r["checkpointing"])
+        p = peft.get((*key, "autocast")) or peft.get((*key, r["mode"]))  # PEFT as it is usually run
+        r["x_peft"] = r["step_s"] / p["step_s"] if p and r["kind"] != "floor" else None
+        r["mem_vs_peft"] = r["peak_gib"] / p["peak_gib"] if p and p["peak_gib"] else None
+
+
+def markdown(results, device_name: str) -> str:
+    lines = [f"Device: {device_name}; torch {torch.__version__}", "",
+             "| case | arch | batch | step s | peak GiB | x floor (same mode) | x PEFT (autocast) | mem / PEFT |",
+             "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    for r in results:
+        if r["kind"] == "svd":
+            continue
+        lines.append(f"| {r['name']} | {r['arch']} | {r['batch']} | {r['step_s']:.4f} | {fmt(r['peak_gib'])} | "
+                     f"{fmt(r.get('x_floor'))} | {fmt(r.get('x_peft'))} | {fmt(r.get('mem_vs_peft'))} |")
+    for r in results:
+        if r["kind"] == "svd":
+            lines.append(f"\n{r['name']} ({r['layers']} layers): full rank measurement {r['rank_measure_s']:.3f} s, "
+                         f"AC-LoRA restart {r['ac_restart_s']:.3f} s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--arch", nargs="+", default=None, help="sd15 sdxl (GPU default) or mini (CPU default)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="rank 16 only, no checkpointing variants")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
+    device = args.device
+    archs = args.arch or (["sd15", "sdxl"] if device == "cuda" else ["mini"])
+    warmup = args.warmup if args.warmup is not None else (4 if device == "cuda" else 1)
+    steps = args.steps if args.steps is not None else (12 if device == "cuda" else 3)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    results: list[dict] = []
+    for arch in archs:
+        batch = {"sd15": 4, "sdxl": 1, "mini": 8}[arch]
+        for name, kw in plan(arch, args.quick or device == "cpu"):
+            if device == "cpu" and kw.get("mode") == "autocast":
+                continue
+            if device == "cpu":
+                kw = {**kw, "mode": "fp32"}
+                name = name.replace("bf16", "fp32")
+            try:
+                run_case(name, lambda: build_unet(arch, device, dtype), arch, batch, device, dtype, warmup, steps,
+                         results=results, **kw)
+            except torch.cuda.OutOfMemoryError as e:  # report and go on with the other cases
+                print(json.dumps({"name": name, "arch": arch, "error": str(e)[:200]}), flush=True)
+        if device == "cuda" and arch in ("sdxl", "sd15"):
+            svd_timings(arch, device, dtype, 64, results)
+    ratios(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    (out / f"results_{device}.json").write_text(json.dumps({"device": name, "results": results}, indent=1))
+    md = markdown(results, name)
+    (out / f"results_{device}.md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,25 @@
+"""The speed bench's CPU mode runs on a small UNet and reports ratios (times are printed, never asserted)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+def test_cpu_bench_writes_ratios(tmp_path, monkeypatch):
+    import bench_speed
+
+    monkeypatch.setattr(bench_speed, "plan", lambda arch, quick: [
+        ("floor fp32", dict(kind="floor")), ("lora r4 fp32", dict(kind="ours", method="lora", rank=4)),
+        ("lora2 r4 fp32", dict(kind="ours", method="lora2", rank=4)), ("peft r4 fp32", dict(kind="peft", rank=4))])
+    assert bench_speed.main(["--device", "cpu", "--arch", "mini", "--warmup", "0", "--steps", "1",
+                             "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results_cpu.json").read_text())
+    rows = {r["name"]: r for r in data["results"]}
+    assert set(rows) == {"floor fp32", "lora r4 fp32", "lora2 r4 fp32", "peft r4 fp32"}
+    assert rows["floor fp32"]["x_floor"] == 1.0
+    for name in ("lora r4 fp32", "lora2 r4 fp32"):
+        assert rows[name]["step_s"] > 0 and rows[name]["x_floor"] > 0 and rows[name]["x_peft"] > 0
+    assert "| lora r4 fp32 | mini |" in (tmp_path / "results_cpu.md").read_text()
