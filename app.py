@@ -8,7 +8,8 @@ DATA_DIR = Path(os.environ.get("STUDIO_DATA_DIR", "data")).resolve()
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("GRADIO_TEMP_DIR", str(DATA_DIR / "gradio-cache"))  # uploads and served copies stay in data/
 os.environ.setdefault("RANKSTUDIO_RUNS", str(DATA_DIR / "runs"))
-os.environ.setdefault("HF_HOME", str(DATA_DIR / "hf-cache")) if os.environ.get("SPACE_ID") else None
+if os.environ.get("SPACE_ID"):  # on a Space, downloaded models are cached in the data folder too
+    os.environ.setdefault("HF_HOME", str(DATA_DIR / "hf-cache"))
 
 from studio.app import build_app, launch_kwargs  # noqa: E402  (after the environment is set)
 from studio.engine_facade import Engine  # noqa: E402

@@ -89,27 +89,25 @@ def time_steps(step, device: str, warmup: int, steps: int) -> tuple[float, float
     return statistics.median(times), peak
 
 
-def floor_step(unet, inputs, autocast: bool, device: str):
+def floor_step(unet, inputs, autocast: bool, device: str, graphs: bool = False):
     x, t, c, kw = inputs
+    xi = x.detach().requires_grad_(True)
 
-    def step():
-        xi = x.detach().requires_grad_(True)
+    def core():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             out = unet(xi, t, c, **kw).sample
         out.float().pow(2).mean().backward()
-    return step
+    return graphed(core, None) if graphs else core
 
 
-def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None):
+def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None, graphs: bool = False):
     x, t, c, kw = inputs
     fused = device == "cuda"
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused) if isinstance(params[0], dict) or fused else \
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused, capturable=graphs) if fused else \
         torch.optim.AdamW(params, lr=1e-4)
     counter = [0]
 
-    def step():
-        if adapters is not None:
-            adapters.before_step(counter[0], opt)
+    def core():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             out = unet(x, t, c, **kw).sample
         loss = out.float().pow(2).mean()
@@ -119,13 +117,45 @@ def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None)
                 loss = loss + extra
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        if not graphs:
+            opt.zero_grad(set_to_none=True)
+
+    def before():
+        if adapters is not None:
+            adapters.before_step(counter[0], opt)  # LoRA² rank update: host side, outside any graph
         counter[0] += 1
+    if graphs:
+        return graphed(core, before)
+
+    def step():
+        before()
+        core()
+    return step
+
+
+def graphed(core, before):
+    """Capture one whole step (forward, backward, optimizer) in a CUDA graph; each call replays it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up outside the graph (allocations, autotuning, lazy optimizer state)
+            if before:
+                before()
+            core()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        core()
+
+    def step():
+        if before:
+            before()
+        graph.replay()
     return step
 
 
 def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, rank=16, method=None, mode="bf16",
-             checkpointing=False, fused=True, results=None):
+             checkpointing=False, fused=True, graphs=False, results=None):
     unet = unet_fn()
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -134,7 +164,7 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
     autocast = mode == "autocast"
     adapters = None
     if kind == "floor":
-        step = floor_step(unet, inputs, autocast, device)
+        step = floor_step(unet, inputs, autocast, device, graphs)
     elif kind == "peft":
         from peft import LoraConfig
 
@@ -142,16 +172,17 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
         params = [p for p in unet.parameters() if p.requires_grad]
         for p in params:
             p.data = p.data.float()  # fp32 adapter weights, as the diffusers training scripts cast them
-        step = train_step(unet, inputs, params, autocast, device)
+        step = train_step(unet, inputs, params, autocast, device, graphs=graphs)
     else:
         extra = {"max_rank": max(rank * 2, 8)} if method == "lora2" else {}
         adapters = inject(unet, make_config(method, rank=rank, **extra))
         for layer in adapters.layers.values():
             layer.fused = fused
-        step = train_step(unet, inputs, adapters.param_groups(1e-4), autocast, device, adapters)
+        step = train_step(unet, inputs, adapters.param_groups(1e-4), autocast, device, adapters, graphs)
     sec, peak = time_steps(step, device, warmup, steps)
     row = {"name": name, "arch": arch, "batch": batch, "kind": kind, "method": method or kind, "rank": rank,
-           "mode": mode, "checkpointing": checkpointing, "fused": fused, "step_s": sec, "peak_gib": peak}
+           "mode": mode + (" graph" if graphs else ""), "checkpointing": checkpointing, "fused": fused,
+           "step_s": sec, "peak_gib": peak}
     print(json.dumps(row), flush=True)
     results.append(row)
     del unet, adapters, step
@@ -185,8 +216,15 @@ def svd_timings(arch, device, dtype, rank, results):
     results.append(row)
 
 
-def plan(arch: str, quick: bool):
+def plan(arch: str, quick: bool, graphs: bool = False):
     """(name, kwargs) for each case of one architecture."""
+    if graphs:
+        cases = [("floor bf16 graph", dict(kind="floor", graphs=True))]
+        for m in method_names():
+            for r in ((16,) if quick else (16, 64)):
+                cases.append((f"{m} r{r} bf16 graph", dict(kind="ours", method=m, rank=r, graphs=True)))
+        cases.append(("peft r16 autocast graph", dict(kind="peft", rank=16, mode="autocast", graphs=True)))
+        return cases
     cases = [("floor bf16", dict(kind="floor", mode="bf16")), ("floor autocast", dict(kind="floor", mode="autocast")),
              ("floor bf16 ckpt", dict(kind="floor", mode="bf16", checkpointing=True))]
     ranks = (16,) if quick else (16, 64)
@@ -214,7 +252,8 @@ def ratios(results):
         f = floors.get((r["arch"], r["mode"], r["checkpointing"]))
         r["x_floor"] = r["step_s"] / f if f else None
         key = (r["arch"], r["rank"], r["checkpointing"])
-        p = peft.get((*key, "autocast")) or peft.get((*key, r["mode"]))  # PEFT as it is usually run
+        usual = "autocast graph" if r["mode"].endswith("graph") else "autocast"  # PEFT as it is usually run
+        p = peft.get((*key, usual)) or peft.get((*key, r["mode"]))
         r["x_peft"] = r["step_s"] / p["step_s"] if p and r["kind"] != "floor" else None
         r["mem_vs_peft"] = r["peak_gib"] / p["peak_gib"] if p and p["peak_gib"] else None
 
@@ -243,6 +282,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="rank 16 only, no checkpointing variants")
+    ap.add_argument("--graphs", action="store_true", help="also time every case with the step captured in a CUDA graph")
+    ap.add_argument("--only-graphs", action="store_true")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     device = args.device
@@ -253,16 +294,19 @@ def main(argv=None) -> int:
     results: list[dict] = []
     for arch in archs:
         batch = {"sd15": 4, "sdxl": 1, "mini": 8}[arch]
-        for name, kw in plan(arch, args.quick or device == "cpu"):
+        cases = [] if args.only_graphs else plan(arch, args.quick or device == "cpu")
+        if (args.graphs or args.only_graphs) and device == "cuda":
+            cases += plan(arch, args.quick, graphs=True)
+        for name, kw in cases:
             if device == "cpu" and kw.get("mode") == "autocast":
                 continue
             if device == "cpu":
                 kw = {**kw, "mode": "fp32"}
                 name = name.replace("bf16", "fp32")
             try:
-                run_case(name, lambda: build_unet(arch, device, dtype), arch, batch, device, dtype, warmup, steps,
+                run_case(name, lambda arch=arch: build_unet(arch, device, dtype), arch, batch, device, dtype, warmup, steps,
                          results=results, **kw)
-            except torch.cuda.OutOfMemoryError as e:  # report and go on with the other cases
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # report and go on with the other cases
                 print(json.dumps({"name": name, "arch": arch, "error": str(e)[:200]}), flush=True)
         if device == "cuda" and arch in ("sdxl", "sd15"):
             svd_timings(arch, device, dtype, 64, results)

@@ -23,9 +23,9 @@ def build_app(engine) -> gr.Blocks:
             for title, module in TABS:
                 with gr.Tab(title, id=title.lower(), elem_id=f"tab-{title.lower()}") as tab:
                     hooks = module.build(engine, demo)
-                fn, outputs = hooks.get("refresh", (None, None))
-                if fn is not None:
-                    tab.select(fn, None, outputs, show_progress="hidden")
+                if "refresh" in hooks:  # (fn, outputs): lists of datasets/runs/adapters may have changed elsewhere
+                    fn, outputs = hooks["refresh"]
+                    tab.select(fn, outputs, outputs, show_progress="hidden")
     demo.queue(default_concurrency_limit=4)
     return demo
 

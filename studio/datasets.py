@@ -1,4 +1,4 @@
-"""Working copies of datasets inside the data folder: import (bundled, uploads, zips, folders), captions table, edits."""
+"""Working copies of datasets in the data folder: import (bundled, uploads, zips, folders), caption table, edits."""
 from __future__ import annotations
 
 import re

@@ -24,13 +24,18 @@ BUNDLED_PREFIX = "bundled: "
 
 
 def coerce(value: Any, kind: str, name: str) -> Any:
-    """A form value as the dataclass field's type ('int', 'float | None', 'str', 'bool'); '' means None."""
+    """A form value as the dataclass field's type ('int', 'float | None', 'str', 'bool', 'list').
+
+    '' means None; so does 0 for optional numbers, whose valid values are all positive.
+    """
     optional = "None" in kind
     base = kind.split("|")[0].strip()
     if base == "list":
-        return [line.strip() for line in value.splitlines() if line.strip()] if isinstance(value, str) else list(value or [])
-    if value is None or (isinstance(value, str) and not value.strip() and base != "str"):
-        if optional:
+        lines = value.splitlines() if isinstance(value, str) else list(value or [])
+        return [str(line).strip() for line in lines if str(line).strip()]
+    blank = value is None or (isinstance(value, str) and not value.strip() and base != "str")
+    if blank or (optional and base in ("int", "float") and not isinstance(value, str) and value == 0):
+        if optional:  # a number box cannot be empty: 0 means "none" for optional numbers (all of them are > 0)
             return None
         raise ValueError(f"{name} needs a value")
     if base == "int":
@@ -231,9 +236,9 @@ class Engine(MediaMixin):
                                 lambda job: self._train(job, config, resume=True), str(run.path))
 
     def _train(self, job: Job, config, resume: bool):
-        from engine import events as ev
         import time
 
+        from engine import events as ev
         from engine.train import train
         from engine.train_config import PRECISIONS
 
@@ -283,7 +288,7 @@ class Engine(MediaMixin):
         elif job.state == "queued":
             line = f"queued · position {self.jobs.position(job)} in the queue"
         elif job.state == "running":
-            line = f"running · {eta_text(job.info, 'running')}" if job.info.get("total") else f"running · {job.message}"
+            line = "running · " + (eta_text(job.info, "running") if job.info.get("total") else job.message)
         elif job.state == "failed":
             line = f"failed: {job.error}"
         else:

@@ -1,6 +1,7 @@
 """Engine calls of the Compare, Prune and Export tabs: adapter files, the grid job, pruning numbers and previews."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -36,6 +37,10 @@ class MediaMixin:
     """Adapter files and the jobs that render images from them (mixed into studio.engine_facade.Engine)."""
 
     data: Path
+
+    def own(self, path: str) -> Path:
+        """The path, refused unless it lies in the studio's data folder (API callers can send any string)."""
+        return ds.inside(self.data, path)
 
     # --- adapter files --------------------------------------------------------------------------------------
     def adapter_choices(self) -> list[tuple[str, str]]:
@@ -93,7 +98,7 @@ class MediaMixin:
     def compare(self, sources: list[str], prompts: str, seeds: str, strength: float = 1.0, steps: int = 20,
                 base_model: str = "") -> Job:
         """Queue the grid: base model plus each adapter in columns, the same prompts and seeds in rows."""
-        from engine.generate import generate_grid
+        from engine.generate import generate_grid, save_grid
 
         if not sources:
             raise ValueError("choose at least one adapter to compare")
@@ -101,18 +106,19 @@ class MediaMixin:
             raise ValueError(f"compare at most {MAX_COLUMNS} adapters at once, got {len(sources)}")
         prompt_list, seed_list = parse_prompts(prompts), parse_seeds(seeds)
         labels: dict[str, str] = {}
-        for path in sources:
+        for path in map(self.own, sources):
             label = self.adapter_label(path)
-            labels[label if label not in labels else f"{label}-{len(labels)}"] = path
+            labels[label if label not in labels else f"{label}-{len(labels)}"] = str(path)
         base = (base_model or "").strip() or self.base_of(sources[0])
 
         def run(job: Job):
             job.report("loading the base model")
             pipe = self.pipeline(base)
             job.report(f"rendering {(len(labels) + 1) * len(prompt_list) * len(seed_list)} images")
-            grid = generate_grid(pipe, labels, prompt_list, seed_list, strength=float(strength), steps=int(steps),
-                                 out=self.data / "compare" / f"grid-{job.id}.png")
-            return grid.path, self.compare_rows(grid, labels)
+            grid = generate_grid(pipe, labels, prompt_list, seed_list, strength=float(strength), steps=int(steps))
+            shown = dataclasses.replace(grid, images={k: [enlarge(i) for i in v] for k, v in grid.images.items()})
+            path = save_grid(shown, self.data / "compare" / f"grid-{job.id}.png")
+            return str(path), self.compare_rows(grid, labels)
 
         return self.jobs.submit("compare", f"compare {', '.join(labels)}", run)
 
@@ -145,12 +151,12 @@ class MediaMixin:
         """Live numbers for the slider: cached spectra, then only the rank choice (milliseconds)."""
         if not path:
             raise ValueError("choose an adapter first")
-        return numbers(self.prune_cache.get(path), float(tau), int(cap) if cap else None)
+        return numbers(self.prune_cache.get(self.own(path)), float(tau), int(cap) if cap else None)
 
     def save_pruned(self, path: str, tau: float, cap: int | None = None) -> Any:
         from engine.export import prune_file
 
-        src = self.prune_cache.get(path)
+        src = self.prune_cache.get(self.own(path))
         suffix = f"-tau{float(tau):.2f}" + (f"-cap{int(cap)}" if cap else "")
         out = self.data / "pruned" / f"{self.adapter_label(path)}{suffix}.safetensors"
         return prune_file(src.lora, out, tau=float(tau), cap=int(cap) if cap else None)
@@ -161,7 +167,7 @@ class MediaMixin:
         from engine.generate import merged_lora, sample_images
         from engine.models import native_resolution
 
-        src = self.prune_cache.get(path)
+        src = self.prune_cache.get(self.own(path))
         prompt = (prompt or "").strip() or self.default_prompt(path) or "a picture"
         base = self.base_of(path)
 
@@ -177,7 +183,7 @@ class MediaMixin:
                         images += sample_images(pipe, [prompt], int(seed), int(steps), size)
             finally:
                 tmp.unlink(missing_ok=True)
-            return images
+            return [enlarge(i) for i in images]
 
         return self.jobs.submit("preview", f"prune preview tau={float(tau):.2f}", run)
 
@@ -199,7 +205,7 @@ class MediaMixin:
 
         if not source:
             raise ValueError("choose a run or an adapter file first")
-        src = Path(source)
+        src = self.own(source)
         if src.is_dir():
             name, path = src.name, runs.RunFolder(src).lora_file(fmt)
             if not path.is_file():
@@ -227,6 +233,14 @@ def metadata_view(lora) -> dict[str, Any]:
     meta["layers"] = len(ranks)
     meta["ranks min/max"] = [min(ranks), max(ranks)] if ranks else []
     return meta
+
+
+def enlarge(image, min_side: int = 256):
+    """Small model outputs (32-64 px) scaled up with nearest-neighbour so that they are visible on screen."""
+    from PIL import Image
+
+    factor = max(1, min_side // max(1, min(image.size)))
+    return image if factor == 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
 def _oracle():

@@ -46,10 +46,10 @@ class Job:
 
 
 def readable_error(error: BaseException) -> str:
-    """A one-line message for the UI: ValueError text as is, anything else prefixed with its class name."""
+    """A message for the UI: ValueError and engine errors as they are, anything else prefixed with its class name."""
     text = str(error).strip() or type(error).__name__
-    if isinstance(error, ValueError):
-        return text
+    if isinstance(error, ValueError) or type(error).__module__.startswith("engine"):
+        return text  # the engine's own errors name the bad input already
     return f"{type(error).__name__}: {text}"
 
 

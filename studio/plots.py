@@ -25,8 +25,8 @@ def _empty(title: str, note: str) -> go.Figure:
 
 def _restarts(fig: go.Figure, view: RunView) -> None:
     for i, step in enumerate(view.restarts):
-        fig.add_vline(x=step, line_dash="dash", line_color="crimson", line_width=2,
-                      annotation_text="restart" if i == 0 else None, annotation_position="top")
+        label = {"annotation_text": "restart", "annotation_position": "top"} if i == 0 else {}
+        fig.add_vline(x=step, line_dash="dash", line_color="crimson", line_width=2, **label)
 
 
 def loss_figure(view: RunView | None) -> go.Figure:

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 def test_cpu_bench_writes_ratios(tmp_path, monkeypatch):
     import bench_speed
 
-    monkeypatch.setattr(bench_speed, "plan", lambda arch, quick: [
+    monkeypatch.setattr(bench_speed, "plan", lambda arch, quick, graphs=False: [
         ("floor fp32", dict(kind="floor")), ("lora r4 fp32", dict(kind="ours", method="lora", rank=4)),
         ("lora2 r4 fp32", dict(kind="ours", method="lora2", rank=4)), ("peft r4 fp32", dict(kind="peft", rank=4))])
     assert bench_speed.main(["--device", "cpu", "--arch", "mini", "--warmup", "0", "--steps", "1",

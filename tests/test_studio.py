@@ -13,7 +13,7 @@ import torch
 gr = pytest.importorskip("gradio")
 
 from studio import datasets as ds  # noqa: E402
-from studio import plots, pruning, runview  # noqa: E402
+from studio import plots, runview  # noqa: E402
 from studio.app import build_app  # noqa: E402
 from studio.engine_facade import Engine, coerce  # noqa: E402
 from studio.jobs import DONE, FAILED, JobQueue  # noqa: E402
@@ -74,6 +74,7 @@ def test_app_builds_with_five_tabs_from_a_fake_engine():
 def test_coerce_form_values():
     assert coerce(8.0, "int", "rank") == 8
     assert coerce("", "int | None", "resolution") is None
+    assert coerce(0, "int | None", "resolution") is None and coerce(0, "int", "seed") == 0
     assert coerce("3e-4", "float", "lr") == pytest.approx(3e-4)
     assert coerce("a\n\n b ", "list", "sample_prompts") == ["a", "b"]
     with pytest.raises(ValueError, match="rank must be a whole number"):
@@ -134,21 +135,23 @@ def _synthetic_lora(path: Path, n_layers: int, rank: int, d: int = 320, k: int =
 def test_prune_numbers_are_exact_and_the_size_estimate_is_close(tmp_path, engine):
     from engine.export import prune_file
 
-    res, _ = _synthetic_lora(tmp_path / "a.safetensors", 6, 8)
-    n = engine.prune_numbers(str(tmp_path / "a.safetensors"), 0.9)
+    res, _ = _synthetic_lora(engine.data / "adapters" / "a.safetensors", 6, 8)
+    n = engine.prune_numbers(res.path, 0.9)
     # s^2 = 4^-j: cumulative energy 0.75, 0.9375 -> tau 0.9 keeps 2 components per layer
     assert set(n.after.values()) == {2} and set(n.before.values()) == {8}
     assert n.params_before == 6 * (8 * 640 + 1) and n.params_after == 6 * (2 * 640 + 1)
     assert n.kept_energy == pytest.approx(0.9375, abs=1e-4)
     assert n.bytes_before == res.bytes
-    assert set(engine.prune_numbers(str(tmp_path / "a.safetensors"), 0.99, cap=3).after.values()) == {3}
-    out = prune_file(engine.prune_cache.get(tmp_path / "a.safetensors").lora, tmp_path / "p.safetensors", tau=0.9)
+    assert set(engine.prune_numbers(res.path, 0.99, cap=3).after.values()) == {3}
+    out = prune_file(engine.prune_cache.get(res.path).lora, tmp_path / "p.safetensors", tau=0.9)
     assert abs(n.bytes_after - out.bytes) / out.bytes < 0.03
+    _synthetic_lora(tmp_path / "outside.safetensors", 1, 2)
+    with pytest.raises(ValueError, match="outside the studio's data folder"):
+        engine.prune_numbers(str(tmp_path / "outside.safetensors"), 0.9)
 
 
 def test_prune_slider_is_fast_once_spectra_are_cached(tmp_path, engine):
-    _synthetic_lora(tmp_path / "big.safetensors", 128, 32, d=320, k=768)
-    path = str(tmp_path / "big.safetensors")
+    path = _synthetic_lora(engine.data / "adapters" / "big.safetensors", 128, 32, d=320, k=768)[0].path
     engine.prune_numbers(path, 0.9)  # loads and computes spectra once
     start = time.perf_counter()
     for tau in (0.5, 0.7, 0.8, 0.9, 0.95):
@@ -229,7 +232,8 @@ def test_dataset_edits_uploads_and_the_data_folder_fence(tmp_path, engine):
         zf.writestr("notes.exe", "x")
     name = engine.import_uploads([str(archive)], "../zipped")
     folder = engine.data / "datasets" / name
-    assert folder.parent == engine.data / "datasets" and sorted(p.name for p in folder.iterdir()) == ["00.png", "00.txt"]
+    assert folder.parent == engine.data / "datasets"
+    assert sorted(p.name for p in folder.iterdir()) == ["00.png", "00.txt"]
     _, table, gallery, problems = engine.dataset_view(name)
     assert table == [["00.png", "zkw style, a star"]] and len(gallery) == 1 and "1 usable" in problems
     assert engine.save_captions(name, [["00.png", "new caption"]]) == 1
@@ -248,3 +252,18 @@ def test_export_and_metadata_of_a_standalone_file(tmp_path, engine):
     with pytest.raises(ValueError, match="is a kohya file"):
         engine.export(src, "diffusers")
     assert json.loads(json.dumps(meta))  # shown in gr.JSON
+
+
+def test_resume_and_stop_explain_what_cannot_be_done(engine):
+    from engine import runs
+
+    run = runs.RunFolder(engine.data / "runs" / "finished-run").create()
+    runs.atomic_write_json(run / runs.CONFIG, {"dataset": "x"})
+    run.write_status("finished", 10, 10)
+    with pytest.raises(ValueError, match="is finished"):
+        engine.resume_training(str(run.path))
+    with pytest.raises(ValueError, match="not queued or running"):
+        engine.stop_training(str(run.path))
+    with pytest.raises(ValueError, match="outside"):
+        engine.resume_training("/etc")
+    assert engine.active_run() == str(run.path)  # nothing running: a fresh page shows the newest run

@@ -67,9 +67,24 @@ def field_input(name: str, info: dict[str, Any], label: str | None = None, value
     if base == "bool":
         return gr.Checkbox(value=bool(default), label=label, info=help_text, elem_id=elem_id)
     if base in ("int", "float"):
-        return gr.Number(value=default, label=label + (" (empty = none)" if "None" in kind else ""), info=help_text,
-                         precision=0 if base == "int" else None, minimum=info.get("min"), maximum=info.get("max"),
-                         elem_id=elem_id)
+        optional = "None" in kind  # a number box cannot be empty: 0 stands for none, the engine checks bounds
+        return gr.Number(value=0 if optional and default is None else default,
+                         label=label + (" (0 = none)" if optional else ""), info=help_text,
+                         precision=0 if base == "int" else None, minimum=None if optional else info.get("min"),
+                         maximum=info.get("max"), elem_id=elem_id)
     if base == "list":
         default = "\n".join(map(str, default or []))
     return gr.Textbox(value="" if default is None else str(default), label=label, info=help_text, elem_id=elem_id)
+
+
+def keep(choices: list[tuple[str, str]], current: Any) -> dict:
+    """New dropdown/checkbox choices that keep the current selection where it still exists.
+
+    A bundled dataset that was opened ('bundled: x') becomes its working copy ('x').
+    """
+    values = {v for _, v in choices}
+    if isinstance(current, list):
+        return gr.update(choices=choices, value=[c for c in current if c in values])
+    if current and current not in values and str(current).startswith("bundled: "):
+        current = str(current).removeprefix("bundled: ")
+    return gr.update(choices=choices, value=current if current in values else None)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.tabs.common import follow, guard
+from studio.tabs.common import follow, guard, keep
 
 HEADERS = ["column", "method", "file MB", "parameters", "rank min / mean / max", "prompt fidelity",
            "style fidelity"]
@@ -26,8 +26,8 @@ def build(engine, demo: gr.Blocks) -> dict:
             base = gr.Textbox(label="Base model (empty = the one the first adapter was trained on)")
     go = gr.Button("Render comparison grid", variant="primary", elem_id="cmp-go")
     status = gr.Markdown(elem_id="cmp-status")
-    grid = gr.Image(label="Grid: columns base + adapters, rows prompt x seed", type="filepath", elem_id="cmp-grid",
-                    interactive=False)
+    gr.Markdown("**Grid** · columns: base model, then each adapter · rows: prompt x seed (same seeds everywhere)")
+    grid = gr.Image(type="filepath", elem_id="cmp-grid", interactive=False, show_label=False)
     table = gr.Dataframe(headers=HEADERS, type="array", interactive=False, label="Metrics (oracle scores on the "
                          "bundled mini-world only)", elem_id="cmp-table")
 
@@ -50,4 +50,4 @@ def build(engine, demo: gr.Blocks) -> dict:
         yield f"done in {job.ended - job.started:.1f} s", path, rows
 
     go.click(run, [adapters, prompts, seeds, strength, steps, base], [status, grid, table], concurrency_limit=None)
-    return {"refresh": (lambda: gr.update(choices=engine.adapter_choices()), [adapters])}
+    return {"refresh": (lambda current: keep(engine.adapter_choices(), current), [adapters])}

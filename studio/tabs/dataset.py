@@ -1,9 +1,9 @@
-"""Dataset tab: pick, upload or copy in a dataset; thumbnails and an editable caption table; bulk edits; auto-caption."""
+"""Dataset tab: pick, upload or copy in a dataset; thumbnails, an editable caption table, bulk edits, auto-caption."""
 from __future__ import annotations
 
 import gradio as gr
 
-from studio.tabs.common import follow, guard
+from studio.tabs.common import follow, guard, keep
 
 EDITS = [("Add trigger word at the front", "trigger"), ("Prefix tags", "prefix"), ("Append tags", "suffix"),
          ("Find / replace", "replace"), ("Remove a word / style phrase", "strip"), ("Remove duplicate tags", "dedupe")]
@@ -42,7 +42,7 @@ def build(engine, demo: gr.Blocks) -> dict:
                                 allow_custom_value=True, scale=2, info="bundled reads mini-world images offline; "
                                 "hub models must be in the local cache when offline.")
         trigger = gr.Textbox(label="Trigger word (put first in each new caption)", scale=1)
-        overwrite = gr.Checkbox(label="Overwrite existing captions", value=False, scale=1)
+        overwrite = gr.Checkbox(label="Overwrite existing captions", value=False, scale=1, elem_id="ds-overwrite")
         caption_btn = gr.Button("Auto-caption", scale=1, elem_id="ds-caption")
     status = gr.Markdown(elem_id="ds-status")
 
@@ -82,10 +82,9 @@ def build(engine, demo: gr.Blocks) -> dict:
         if not name:
             raise ValueError("open a dataset first")
         job = engine.auto_caption(name, model, word or "", bool(force))
-        for line in follow(engine, job):
-            yield (line,) + tuple(gr.skip() for _ in view_outputs)
-        yield (job.result or "done",) + tuple(show(name))
+        yield from follow(engine, job)
+        yield job.result or "done"
 
-    caption_btn.click(auto_caption, [folder, captioner, trigger, overwrite], [status, *view_outputs],
-                      concurrency_limit=None)
-    return {"refresh": (lambda: gr.update(choices=engine.dataset_choices()), [choice])}
+    caption_btn.click(auto_caption, [folder, captioner, trigger, overwrite], status, concurrency_limit=None
+                      ).success(show, folder, view_outputs)
+    return {"refresh": (lambda current: keep(engine.dataset_choices(), current), [choice])}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.tabs.common import guard
+from studio.tabs.common import guard, keep
 
 FORMATS = (("kohya", "kohya · A1111 / ComfyUI"), ("diffusers", "diffusers / PEFT"))
 
@@ -16,7 +16,8 @@ def build(engine, demo: gr.Blocks) -> dict:
     gr.Markdown("kohya files load in A1111, ComfyUI and diffusers (`pipe.load_lora_weights`); diffusers files "
                 "are what `save_lora_weights` writes. Both keep per-layer ranks.")
     with gr.Row():
-        buttons = [gr.DownloadButton(f"Download {label}", visible=False, elem_id=f"ex-{fmt}") for fmt, label in FORMATS]
+        buttons = [gr.DownloadButton(f"Download {label}", visible=False, elem_id=f"ex-{fmt}")
+                   for fmt, label in FORMATS]
     meta = gr.JSON(label="Metadata", elem_id="ex-meta")
 
     refresh.click(lambda: gr.update(choices=engine.export_sources()), None, source)
@@ -39,4 +40,4 @@ def build(engine, demo: gr.Blocks) -> dict:
         return *updates, shown
 
     source.change(prepare, source, [*buttons, meta])
-    return {"refresh": (lambda: gr.update(choices=engine.export_sources()), [source])}
+    return {"refresh": (lambda current: keep(engine.export_sources(), current), [source])}

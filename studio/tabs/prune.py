@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from studio import plots
-from studio.tabs.common import follow, guard
+from studio.tabs.common import follow, guard, keep
 
 
 def _summary(n) -> str:
@@ -73,4 +73,4 @@ def build(engine, demo: gr.Blocks) -> dict:
         return gr.update(value=res.path, visible=True), gr.update(choices=engine.adapter_choices())
 
     save.click(save_file, [adapter, tau, cap], [download, adapter])
-    return {"refresh": (lambda: gr.update(choices=engine.adapter_choices()), [adapter])}
+    return {"refresh": (lambda current: keep(engine.adapter_choices(), current), [adapter])}

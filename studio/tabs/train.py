@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from studio import plots, runview
-from studio.tabs.common import field_input, guard
+from studio.tabs.common import field_input, guard, keep
 
 MAIN_FIELDS = ("rank", "steps", "lr", "batch_size", "resolution", "seed", "trigger")
 MORE_FIELDS = ("sample_every", "sample_prompts", "sample_steps", "rank_every", "tau", "repeats", "lr_schedule",
@@ -56,7 +56,8 @@ def build(engine, demo: gr.Blocks) -> dict:
             status = gr.Markdown(elem_id="tr-status")
             loss = gr.Plot(plots.loss_figure(None), label="Loss", elem_id="tr-loss")
             heat = gr.Plot(plots.rank_heatmap(None), label="Rank heatmap", elem_id="tr-heatmap")
-            layers = gr.Dropdown([], multiselect=True, label="Layers to plot", elem_id="tr-layers")
+            layers = gr.Dropdown([], multiselect=True, label="Layers to plot",
+                                 info="empty = the first three", elem_id="tr-layers")
             lines = gr.Plot(plots.rank_lines(None, None), label="Layer ranks")
             samples = gr.Gallery(label="Samples", columns=4, height=200, elem_id="tr-samples")
             queue = gr.Dataframe(headers=["#", "job", "state", "position"], type="array", interactive=False,
@@ -68,8 +69,8 @@ def build(engine, demo: gr.Blocks) -> dict:
 
     @guard
     def start_run(*values):
-        form = dict(zip(form_names, values[:len(form_names)]))
-        chosen = {f: v for (m, f), v in zip(index, values[len(form_names):]) if m == form["method"]}
+        form = dict(zip(form_names, values[:len(form_names)], strict=True))
+        chosen = {f: v for (m, f), v in zip(index, values[len(form_names):], strict=True) if m == form["method"]}
         job = engine.start_training(engine.build_train_config(form, chosen))
         gr.Info(f"queued {job.label} (position {engine.jobs.position(job)})")
         return job.run_dir, gr.update(choices=engine.run_choices(), value=job.run_dir), ()
@@ -110,4 +111,4 @@ def build(engine, demo: gr.Blocks) -> dict:
         return path, gr.update(choices=engine.run_choices(), value=path), ()
 
     demo.load(attach, None, [run_dir, runs, seen])
-    return {"refresh": (lambda: gr.update(choices=engine.dataset_choices()), [dataset])}
+    return {"refresh": (lambda current: keep(engine.dataset_choices(), current), [dataset])}

@@ -1,0 +1,85 @@
+"""Profile one training step (torch profiler): kernel count, GPU-busy time vs wall time, top ops; finds launch-bound cost.
+
+python bench/profile_step.py --arch sd15 --cases floor,lora,lora_unfused,peft --out bench/results
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_speed import TARGETS, build_unet, floor_step, make_inputs, train_step  # noqa: E402
+
+from engine.adapters import inject, make_config  # noqa: E402
+
+
+def make_case(case: str, arch: str, batch: int):
+    unet = build_unet(arch, "cuda", torch.bfloat16)
+    unet.train()
+    inputs = make_inputs(unet, arch, batch, "cuda", torch.bfloat16)
+    if case == "floor":
+        return floor_step(unet, inputs, False, "cuda")
+    if case == "peft":
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, init_lora_weights="gaussian"))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()
+        return train_step(unet, inputs, params, True, "cuda")
+    method = case.replace("_unfused", "")
+    ad = inject(unet, make_config(method, rank=16, **({"max_rank": 32} if method == "lora2" else {})))
+    for layer in ad.layers.values():
+        layer.fused = not case.endswith("_unfused")
+    return train_step(unet, inputs, ad.param_groups(1e-4), False, "cuda", ad)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--arch", default="sd15")
+    ap.add_argument("--cases", default="floor,lora,lora_unfused,peft")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    batch = 4 if args.arch == "sd15" else 1
+    summary = []
+    for case in args.cases.split(","):
+        step = make_case(case, args.arch, batch)
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 5
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / 3 / 1e6
+        table = events.table(sort_by="self_device_time_total", row_limit=15)
+        cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=12)
+        (out / f"profile_{args.arch}_{case}.txt").write_text(table + "\n\n" + cpu_table)
+        row = f"{case}: wall {wall * 1e3:.1f} ms/step, GPU busy {busy * 1e3:.1f} ms, kernels/step {len(kernels) / 3:.0f}"
+        print(row, flush=True)
+        print(table[:3000], flush=True)
+        summary.append(row)
+        del step
+        torch.cuda.empty_cache()
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
