@@ -117,6 +117,8 @@ def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None,
                 loss = loss + extra
         loss.backward()
         opt.step()
+        if adapters is not None:
+            adapters.refresh_shadows()
         if not graphs:
             opt.zero_grad(set_to_none=True)
 

@@ -119,11 +119,7 @@ def _lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
 
 def _reset_step_state(adapters) -> None:
     """Drop per-forward records (LoRA²'s attention entropies) left by sampling or checkpoint recomputation."""
-    reset = getattr(adapters, "reset_step", None)
-    if callable(reset):
-        reset()
-    elif isinstance(getattr(adapters, "_entropies", None), list):
-        adapters._entropies.clear()
+    adapters.reset_step()
 
 
 def _micro_loss(s: _Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -167,6 +163,7 @@ def _optimizer_step(s: _Session, cfg: TrainConfig, micro: list[list[tuple[int, b
         acc.clip_grad_norm_(s.adapters.parameters(), cfg.max_grad_norm)
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
+    s.adapters.refresh_shadows()  # bf16 copies of A and B for the next forward, one foreach copy for all layers
     if acc.num_processes > 1:
         total = acc.reduce(total, reduction="mean")
     return total, terms

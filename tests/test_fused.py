@@ -58,3 +58,24 @@ def test_fused_bf16_base_fp32_adapter_close_to_reference():
     assert rel(y, y_ref) < 1e-2 and rel(gx, gx_ref) < 2e-2
     for a, b in zip(grads, grads_ref):
         assert rel(a, b) < 2e-2
+
+
+def test_compute_copies_follow_the_masters():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(16, 16)).to(torch.bfloat16)
+    ad = inject(model, make_config("lora", rank=4, targets="0"))
+    layer = ad.layers["0"]
+    opt = torch.optim.AdamW(ad.parameters(), lr=0.1)
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    for refresh in (True, False):
+        model(x).float().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        if refresh:
+            ad.refresh_shadows()
+            key = layer._shadow[0]
+            assert key[1:3] == (layer.lora_A._version, layer.lora_B._version)  # a forward will not re-cast
+        model(x)
+        _, down_c, up_c = layer._shadow
+        assert torch.equal(down_c, layer.lora_A.detach().bfloat16())
+        assert torch.equal(up_c, layer.lora_B.detach().bfloat16())

@@ -96,11 +96,19 @@ class AdapterLayer(nn.Module):
         self.scale = config.scale
         self.merged = False
         self.fused = True  # one fused autograd op per Linear (engine/adapters/fused.py); False: separate ops
+        self._shadow = None  # (key, A, B in the compute dtype), see compute_copies
 
     # --- what every method defines -------------------------------------------------------------
-    def chain(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(down A: r x k, up B: d x r, per-rank vector v: r or None) with dW = scale * B diag(v) A."""
+    def down_up(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable low-rank pair (down A: r x k, up B: d x r)."""
         raise NotImplementedError
+
+    def vector(self) -> torch.Tensor | None:
+        """Per-rank vector v (r) between the pair, or None: dW = scale * B diag(v) A."""
+        return None
+
+    def chain(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return (*self.down_up(), self.vector())
 
     def native_rank(self) -> int:
         raise NotImplementedError
@@ -129,13 +137,32 @@ class AdapterLayer(nn.Module):
         autocast = torch.is_autocast_enabled(device_type)
         if self.fused and not self.is_conv:
             cd = torch.get_autocast_dtype(device_type) if autocast else self.base.weight.dtype
-            down, up, vec = self.chain()
-            return lowrank_linear(x.to(cd), self.base.weight, self.base.bias, down, up, vec, self.scale)
+            down, up = self.down_up()
+            down_c, up_c = self.compute_copies(down, up, cd)
+            return lowrank_linear(x.to(cd), self.base.weight, self.base.bias, down, up, self.forward_vector(), self.scale,
+                                  down_c, up_c)
         y = self.base(x)
         dtype = self.param_dtype
         if x.dtype != dtype and not autocast:
             x = x.to(dtype)
         return y + self.adapter_forward(x).to(y.dtype)
+
+    def forward_vector(self) -> torch.Tensor | None:
+        return self.vector()
+
+    def compute_copies(self, down: torch.Tensor, up: torch.Tensor, cd: torch.dtype):
+        """A and B in the compute dtype, re-cast only when the masters changed (their version counters moved).
+
+        AdapterSet.refresh_shadows() re-casts every layer at once after the optimizer step (one foreach copy);
+        without it each layer re-casts itself in its next forward.
+        """
+        if down.dtype == cd and up.dtype == cd:
+            return down, up
+        key = (cd, down._version, up._version, down.data_ptr(), up.data_ptr())
+        if self._shadow is None or self._shadow[0] != key:
+            with torch.no_grad():
+                self._shadow = (key, down.detach().to(cd), up.detach().to(cd))
+        return self._shadow[1], self._shadow[2]
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -205,6 +232,23 @@ class AdapterSet:
     def before_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
         """Called before each forward; LoRA² updates its ranks here. Returns an event dict or None."""
         return None
+
+    @torch.no_grad()
+    def refresh_shadows(self) -> None:
+        """After an optimizer step: re-cast every layer's compute-dtype copies of A and B in one foreach copy."""
+        layers = [layer for layer in self.layers.values() if layer._shadow is not None]
+        if not layers:
+            return
+        dst, src = [], []
+        for layer in layers:
+            down, up = layer.down_up()
+            dst += [layer._shadow[1], layer._shadow[2]]
+            src += [down.detach(), up.detach()]
+        torch._foreach_copy_(dst, src)
+        for layer in layers:
+            down, up = layer.down_up()
+            key, dc, uc = layer._shadow
+            layer._shadow = ((key[0], down._version, up._version, down.data_ptr(), up.data_ptr()), dc, uc)
 
     def reset_step(self) -> None:
         """Forget per-forward records (LoRA²'s attention entropies) left by sampling or a checkpoint recompute."""

@@ -12,54 +12,62 @@ import torch.nn.functional as F
 
 
 def _scaled_up(up: torch.Tensor, vec: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """s * B diag(v) in the compute dtype (up is already in it)."""
     if vec is None:
-        return (up * scale if scale != 1 else up).to(dtype)
-    return (up * (vec * scale)).to(dtype)
+        return up * scale if scale != 1 else up
+    return up * (vec * scale if scale != 1 else vec).to(dtype)
 
 
 class LowRankLinear(torch.autograd.Function):
-    """x: (..., k) in the compute dtype; weight (d, k) frozen; down A (r, k), up B (d, r), vec v (r) or None."""
+    """x: (..., k) in the compute dtype; weight (d, k) frozen; down A (r, k), up B (d, r), vec v (r) or None.
+
+    down_c / up_c are A and B in the compute dtype (the same tensors when no cast is needed): the layer keeps
+    them between optimizer steps, so the fp32 -> bf16 casts are not paid again in every forward and backward.
+    Gradients are returned for the master tensors `down` and `up` in their own dtype.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, vec, scale):
+    def forward(ctx, x, weight, bias, down, up, vec, scale, down_c, up_c):
         with torch.autocast(x.device.type, enabled=False):
             cd = x.dtype
-            w = torch.addmm(weight.to(cd), _scaled_up(up, vec, scale, cd), down.to(cd))
+            w = torch.addmm(weight.to(cd), _scaled_up(up_c, vec, scale, cd), down_c)
             y = F.linear(x, w, None if bias is None else bias.to(cd))
-        ctx.save_for_backward(x, weight, down, up, vec)
+        ctx.save_for_backward(x, weight, down_c, up_c, vec)
         ctx.scale = scale
+        ctx.master_dtypes = (down.dtype, up.dtype)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, down, up, vec = ctx.saved_tensors
+        x, weight, downc, upc, vec = ctx.saved_tensors
         s = ctx.scale
         with torch.autocast(g.device.type, enabled=False):
             cd = x.dtype
             g = g.to(cd)
             k, d = x.shape[-1], g.shape[-1]
             x2, g2 = x.reshape(-1, k), g.reshape(-1, d)
-            downc = down.to(cd)
             grad_x = None
             if ctx.needs_input_grad[0]:
-                w = torch.addmm(weight.to(cd), _scaled_up(up, vec, s, cd), downc)
+                w = torch.addmm(weight.to(cd), _scaled_up(upc, vec, s, cd), downc)
                 grad_x = (g2 @ w).view(x.shape)
             h = x2 @ downc.T  # (N, r)
-            gb = g2 @ up.to(cd)  # (N, r)
+            gb = g2 @ upc  # (N, r)
             if vec is None:
                 ls = None
                 grad_up = (g2.T @ h) * s if s != 1 else g2.T @ h
                 grad_down = (gb.T @ x2) * s if s != 1 else gb.T @ x2
             else:
-                ls = (vec * s).to(cd)
+                ls = (vec * s if s != 1 else vec).to(cd)
                 grad_up = g2.T @ (h * ls)
                 grad_down = (gb * ls).T @ x2
             grad_vec = None
             if vec is not None and ctx.needs_input_grad[5]:
                 acc = torch.promote_types(cd, torch.float32)
                 grad_vec = ((gb.to(acc) * h.to(acc)).sum(0) * s).to(vec.dtype)
-        return grad_x, None, None, grad_down.to(down.dtype), grad_up.to(up.dtype), grad_vec, None
+        down_dtype, up_dtype = ctx.master_dtypes
+        return grad_x, None, None, grad_down.to(down_dtype), grad_up.to(up_dtype), grad_vec, None, None, None
 
 
-def lowrank_linear(x, weight, bias, down, up, vec, scale: float):
-    return LowRankLinear.apply(x, weight, bias, down, up, vec, scale)
+def lowrank_linear(x, weight, bias, down, up, vec, scale: float, down_c=None, up_c=None):
+    return LowRankLinear.apply(x, weight, bias, down, up, vec, scale, down if down_c is None else down_c,
+                               up if up_c is None else up_c)

@@ -32,8 +32,8 @@ class LoRALayer(AdapterLayer):
         self.lora_A = nn.Parameter(init_down(r, self.in_features, config.init, generator))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r))
 
-    def chain(self) -> tuple[torch.Tensor, torch.Tensor, None]:
-        return self.lora_A, self.lora_B, None
+    def down_up(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A, self.lora_B
 
     def native_rank(self) -> int:
         return self.config.rank

@@ -72,6 +72,7 @@ class LoRA2Layer(AdapterLayer):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, R))
         self.rho = nn.Parameter(torch.tensor(inverse_softplus(self.nu_target)))
         self.register_buffer("active", torch.arange(R) < r0)
+        self._lam: torch.Tensor | None = None  # set for the duration of a model forward by LoRA2Set
         std = self.init_std()
         self.lora_A.data[:r0] = torch.randn(r0, self.in_features, generator=generator) * std
 
@@ -92,8 +93,15 @@ class LoRA2Layer(AdapterLayer):
             lam2 = float(self.lambdas().float().pow(2).sum())
         return math.sqrt(self.config.init_c / (self.in_features * max(lam2, 1e-12)))
 
-    def chain(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.lora_A, self.lora_B, self.lambdas()
+    def down_up(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A, self.lora_B
+
+    def vector(self) -> torch.Tensor:
+        return self.lambdas()
+
+    def forward_vector(self) -> torch.Tensor:
+        """Inside a model forward the set has computed every layer's weights in one batched op (see LoRA2Set)."""
+        return self._lam if self._lam is not None else self.lambdas()
 
     def native_rank(self) -> int:
         return int(self.active.sum())
@@ -165,11 +173,30 @@ class LoRA2Set(AdapterSet):
         super().__init__(model, config, layers)
         self._entropies: list = []
         self._saved_processors: dict[str, object] = {}
+        self._nu_targets: torch.Tensor | None = None
+        self._hooks = [model.register_forward_pre_hook(self._batched_lambdas),
+                       model.register_forward_hook(self._drop_lambdas)]
         if config.lambda_e > 0:
             for name, module in model.named_modules():
                 if _plain_cross_attention(module):
                     self._saved_processors[name] = module.processor
                     module.set_processor(EntropyAttnProcessor(self._entropies))
+
+    def _batched_lambdas(self, module, args) -> None:
+        """Every layer's importance weights in a few batched ops instead of several small ops per layer."""
+        layers = list(self.layers.values())
+        if not layers:
+            return
+        nus = F.softplus(torch.stack([layer.rho for layer in layers]))[:, None]  # (L, 1)
+        lam = importance(nus, self.config.max_rank) * torch.stack([layer.active for layer in layers])  # (L, R)
+        if self.config.normalise:
+            lam = lam / lam.sum(1, keepdim=True)
+        for layer, row in zip(layers, lam.unbind(0), strict=True):
+            layer._lam = row
+
+    def _drop_lambdas(self, module, args, output) -> None:
+        for layer in self.layers.values():
+            layer._lam = None
 
     def _layer_params(self, layer: LoRA2Layer) -> list[nn.Parameter]:
         return [layer.lora_A, layer.lora_B]
@@ -190,7 +217,7 @@ class LoRA2Set(AdapterSet):
         nus = F.softplus(torch.stack([layer.rho.detach() for layer in layers]))
         new = rank_from_nu(nus, self.config.q, self.config.max_rank).tolist()
         changed = {}
-        for name, layer, d in zip(self.layers, layers, new):
+        for name, layer, d in zip(self.layers, layers, new, strict=True):
             if d != layer.native_rank():
                 grown, shrunk = layer.set_rank(d)
                 if optimizer is not None:
@@ -209,8 +236,10 @@ class LoRA2Set(AdapterSet):
         total = None
         if c.lambda_r > 0 and layers:
             nus = F.softplus(torch.stack([layer.rho for layer in layers]))
-            targets = torch.tensor([layer.nu_target for layer in layers], device=nus.device, dtype=nus.dtype)
-            reg = (nus - targets).abs().sum()
+            if self._nu_targets is None or self._nu_targets.device != nus.device:  # made once: no copy per step
+                self._nu_targets = torch.tensor([layer.nu_target for layer in layers], device=nus.device,
+                                                dtype=nus.dtype)
+            reg = (nus - self._nu_targets).abs().sum()
             terms["rank_reg"] = reg.detach()
             total = c.lambda_r * reg
         if self._entropies:
@@ -221,6 +250,8 @@ class LoRA2Set(AdapterSet):
         return total, terms
 
     def on_remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
         for name, proc in self._saved_processors.items():
             self.model.get_submodule(name).set_processor(proc)
         self._saved_processors.clear()

@@ -42,8 +42,11 @@ class TriLoRALayer(AdapterLayer):
         sigma = w0_sigma(base.weight, R) if config.sigma_init == "w0" else torch.ones(R)
         self.tri_sigma = nn.Parameter(sigma)
 
-    def chain(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.tri_Vt, self.tri_U, self.tri_sigma
+    def down_up(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tri_Vt, self.tri_U
+
+    def vector(self) -> torch.Tensor:
+        return self.tri_sigma
 
     @torch.no_grad()
     def native_rank(self) -> int:
