@@ -158,3 +158,26 @@ def test_config_help_metadata_for_forms():
     assert "restart" in help_["restart_every_epochs"]["help"].lower()
     assert help_["mode"]["choices"] == ("product", "paper")
     assert make_config("lora", rank=8).to_dict()["method"] == "lora"
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_gradient_checkpointing_gives_the_same_gradients(method):
+    grads = []
+    for checkpointing in (False, True):
+        unet = tiny_unet()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        adapters = inject(unet, cfg(method, lambda_e=1e-2) if method == "lora2" else cfg(method))
+        perturb(adapters)
+        x, t, c = inputs()
+        for _ in range(2):  # twice: nothing from the first step may leak into the second
+            for p in adapters.parameters():
+                p.grad = None
+            adapters.before_step(0)
+            loss = unet(x, t, c).sample.pow(2).mean()
+            extra, _ = adapters.extra_loss()
+            (loss if extra is None else loss + extra).backward()
+        grads.append([p.grad.clone() for p in adapters.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)

@@ -72,7 +72,7 @@ class LoRA2Layer(AdapterLayer):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, R))
         self.rho = nn.Parameter(torch.tensor(inverse_softplus(self.nu_target)))
         self.register_buffer("active", torch.arange(R) < r0)
-        self._lam: torch.Tensor | None = None  # set for the duration of a model forward by LoRA2Set
+        self._lam: tuple | None = None  # (weights, rho version, rank version) set by LoRA2Set at each model forward
         std = self.init_std()
         self.lora_A.data[:r0] = torch.randn(r0, self.in_features, generator=generator) * std
 
@@ -101,7 +101,11 @@ class LoRA2Layer(AdapterLayer):
 
     def forward_vector(self) -> torch.Tensor:
         """Inside a model forward the set has computed every layer's weights in one batched op (see LoRA2Set)."""
-        return self._lam if self._lam is not None else self.lambdas()
+        # kept after the forward so that a gradient-checkpointing recompute sees the very same tensor;
+        # a change of rho or of the rank since then makes it stale
+        if self._lam is not None and self._lam[1:] == (self.rho._version, self.active._version):
+            return self._lam[0]
+        return self.lambdas()
 
     def native_rank(self) -> int:
         return int(self.active.sum())
@@ -174,8 +178,7 @@ class LoRA2Set(AdapterSet):
         self._entropies: list = []
         self._saved_processors: dict[str, object] = {}
         self._nu_targets: torch.Tensor | None = None
-        self._hooks = [model.register_forward_pre_hook(self._batched_lambdas),
-                       model.register_forward_hook(self._drop_lambdas)]
+        self._hooks = [model.register_forward_pre_hook(self._batched_lambdas)]
         if config.lambda_e > 0:
             for name, module in model.named_modules():
                 if _plain_cross_attention(module):
@@ -192,11 +195,7 @@ class LoRA2Set(AdapterSet):
         if self.config.normalise:
             lam = lam / lam.sum(1, keepdim=True)
         for layer, row in zip(layers, lam.unbind(0), strict=True):
-            layer._lam = row
-
-    def _drop_lambdas(self, module, args, output) -> None:
-        for layer in self.layers.values():
-            layer._lam = None
+            layer._lam = (row, layer.rho._version, layer.active._version)
 
     def _layer_params(self, layer: LoRA2Layer) -> list[nn.Parameter]:
         return [layer.lora_A, layer.lora_B]
