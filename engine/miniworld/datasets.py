@@ -22,8 +22,13 @@ SUBJECT_TRIGGER = "sks"
 
 
 def eval_scenes(n: int = N_EVAL) -> list[world.Scene]:
-    """The held-out evaluation scenes (base shapes only); the recipe never trains on them."""
-    return world.sample_scenes(EVAL_SEED, n)
+    """The held-out evaluation scenes (base shapes only, all distinct); the recipe never trains on them."""
+    unique: dict[str, world.Scene] = {}
+    for scene in world.sample_scenes(EVAL_SEED, 2 * n):
+        unique.setdefault(scene.key(), scene)
+        if len(unique) == n:
+            break
+    return list(unique.values())
 
 
 def eval_prompts(n: int = N_EVAL) -> list[str]:

@@ -62,15 +62,16 @@ def scene_targets(scene: Scene, style: str) -> list[int]:
 def oracle_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum over heads of the mean cross-entropy; `targets` is (B, n_heads) of class indices."""
     loss = logits.new_zeros(())
-    for j, (name, sl) in enumerate(head_slices().items()):
+    for j, sl in enumerate(head_slices().values()):
         loss = loss + nn.functional.cross_entropy(logits[:, sl].float(), targets[:, j], ignore_index=-100)
     return loss
 
 
-def to_tensor(images: list[Image.Image] | np.ndarray) -> torch.Tensor:
-    """PIL images or a (N, 64, 64, 3) uint8 array -> (N, 3, 64, 64) float in [-1, 1]."""
+def to_tensor(images: list | np.ndarray) -> torch.Tensor:
+    """PIL images, (64, 64, 3) uint8 arrays or one (N, 64, 64, 3) uint8 array -> (N, 3, 64, 64) float in [-1, 1]."""
     if not isinstance(images, np.ndarray):
-        images = np.stack([np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR)) for im in images])
+        images = np.stack([im if isinstance(im, np.ndarray)
+                           else np.asarray(im.convert("RGB").resize((64, 64), Image.BILINEAR)) for im in images])
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 

@@ -101,10 +101,11 @@ def stage_vae(a: argparse.Namespace) -> None:
                    scaling_factor=vae.config.scaling_factor, minutes=round((time.time() - clock.t0) / 60, 2))
 
 
-def load_vae(out: str, dev: str):
+def load_vae(out: str, dev: str, folder: str | None = None):
+    """The VAE from `folder` (e.g. assets/mini-sd/vae) or else from the vae stage's `out`/vae."""
     from diffusers import AutoencoderKL
 
-    folder = Path(out) / "vae"
+    folder = Path(folder) if folder else Path(out) / "vae"
     return AutoencoderKL.from_pretrained(str(folder), dtype=torch.float32).to(dev).eval()
 
 
@@ -200,14 +201,21 @@ def stage_unet(a: argparse.Namespace) -> None:
     styled = [f"{world.STYLES[s]} style, {k}" for k, s in zip(data.keys, data.styles)]
     ids_styled, ids_plain, ids_empty = tokenize(tok, styled).to(dev), tokenize(tok, data.keys).to(dev), \
         tokenize(tok, [""]).to(dev)
-    vae = load_vae(a.out, dev)
+    vae = load_vae(a.out, dev, a.vae_dir)
     with torch.no_grad(), torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
         x_all = torch.from_numpy(data.images)
         lat = torch.cat([vae.encode(to_unit(x_all[i:i + 1024].to(dev))).latent_dist.mean.float().half()
                          for i in range(0, len(x_all), 1024)]) * vae.config.scaling_factor
     log("unet data", n=len(lat), latent_std=float(lat.float().std()))
     del x_all, data
-    unet, te = minisd.build_unet().to(dev).train(), minisd.build_text_encoder().to(dev).train()
+    unet, te = minisd.build_unet(), minisd.build_text_encoder()
+    if a.init:  # continue from an existing mini-SD (e.g. assets/mini-sd) instead of from scratch
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(str(Path(a.init) / "unet"), dtype=torch.float32)
+        te = CLIPTextModel.from_pretrained(str(Path(a.init) / "text_encoder"), dtype=torch.float32)
+    unet, te = unet.to(dev).train(), te.to(dev).train()
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     log("unet params", unet=minisd.n_params(unet), text_encoder=minisd.n_params(te))
     params = list(unet.parameters()) + list(te.parameters())
@@ -250,7 +258,8 @@ def stage_unet(a: argparse.Namespace) -> None:
             last_save = time.time()
     minisd.save_pipeline(Path(a.out) / "mini-sd", vae, ema_te, ema_unet, tok)
     log("unet done", steps=step)
-    _write_metrics(a.out, "unet", steps=step, unet_params=minisd.n_params(unet), text_encoder_params=minisd.n_params(te),
+    _write_metrics(a.out, "unet", steps=step, unet_params=minisd.n_params(unet),
+                   text_encoder_params=minisd.n_params(te),
                    vae_params=minisd.n_params(vae), minutes=round((time.time() - clock.t0) / 60, 2), batch=B)
 
 
@@ -322,10 +331,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--minutes-vae", type=float, default=2.5)
     ap.add_argument("--minutes-oracle", type=float, default=2.0)
     ap.add_argument("--minutes-unet", type=float, default=7.5)
-    ap.add_argument("--batch-vae", type=int, default=128)
+    ap.add_argument("--batch-vae", type=int, default=256)
     ap.add_argument("--batch-oracle", type=int, default=512)
     ap.add_argument("--batch-unet", type=int, default=512)
-    ap.add_argument("--lr-vae", type=float, default=1e-3)
+    ap.add_argument("--lr-vae", type=float, default=5e-4)
     ap.add_argument("--lr-oracle", type=float, default=2e-3)
     ap.add_argument("--lr-unet", type=float, default=6e-4)
     ap.add_argument("--kl", type=float, default=1e-4, help="KL weight per latent element")
@@ -333,6 +342,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--save-every", type=float, default=90.0, help="seconds between UNet checkpoints")
     ap.add_argument("--oracle-vae-aug", type=int, default=1, help="also train the oracle on VAE reconstructions")
     ap.add_argument("--wait-vae", type=float, default=6.0, help="minutes the oracle waits for the VAE to appear")
+    ap.add_argument("--vae-dir", default=None, help="VAE folder for the unet stage (default: OUT/vae)")
+    ap.add_argument("--init", default=None, help="mini-SD folder whose UNet and text encoder the unet stage continues")
     ap.add_argument("--n-eval", type=int, default=200)
     ap.add_argument("--eval-steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, nargs="+", default=[5.0])

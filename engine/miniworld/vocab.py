@@ -75,4 +75,5 @@ def check_tokenizer(tok) -> None:
     for w in grammar_words():
         ids = tok(w, add_special_tokens=False)["input_ids"]
         if ids != [vocab[w + "</w>"]]:
-            raise ValueError(f"tokenizer encodes {w!r} as {ids}, expected [{vocab[w + '</w>']}]: vocabulary not loaded")
+            want = [vocab[w + "</w>"]]
+            raise ValueError(f"tokenizer encodes {w!r} as {ids}, expected {want}: vocabulary not loaded")

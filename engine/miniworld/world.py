@@ -81,7 +81,9 @@ class Scene:
         object.__setattr__(self, "objects", ordered)
 
     def caption(self, style: str | None = None, trigger: str | None = None) -> str:
-        """'[trigger, ][style style, ]a big red circle on the left and a small blue star at the top, night background'."""
+        """The caption: "[trigger, ][style style, ]a big red star on the left[ and ...], sky background".
+
+        The same scene always gives the same text; parse_caption reads it back."""
         parts = []
         if trigger:
             parts.append(trigger)
