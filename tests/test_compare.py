@@ -48,3 +48,29 @@ def test_config_validation():
 def test_miniworld_style_detection(tmp_path):
     data = make_image_folder(tmp_path / "plain", n=1)
     assert miniworld_style(str(data)) is None
+
+
+def test_oracle_scores_on_a_bundled_style(tmp_path):
+    """_score reads prompt/style fidelity and memorisation (vs the dataset's own images) for every column."""
+    from PIL import Image
+
+    from engine.compare import _score
+    from engine.data import scan_dataset
+    from engine.generate import GridResult
+    from engine.miniworld import datasets, world
+
+    examples = scan_dataset("style_ink").examples[:3]
+    train = [Image.open(e.path).convert("RGB") for e in examples]
+    prompts = [e.caption for e in examples]
+    held_out = [world.render(world.parse_caption(p), "ink") for p in datasets.eval_prompts(3)]
+    flat = [world.render(world.parse_caption(p), "flat") for p in prompts]
+    grid = GridResult(["base", "copies", "fresh"], prompts, [0], {"base": flat, "copies": train, "fresh": held_out})
+    rows = [{"label": label} for label in grid.labels]
+    _score(rows, grid, "style_ink")
+    by = {r["label"]: r for r in rows}
+    assert all(r["style"] == "ink" for r in rows)
+    assert by["copies"]["style_fidelity"] > 0.95 and by["base"]["style_fidelity"] < 0.05
+    assert by["copies"]["prompt_fidelity"] > 0.95 and by["base"]["prompt_fidelity"] > 0.95  # same scenes, flat style
+    assert by["fresh"]["prompt_fidelity"] < 0.8  # other scenes than the prompts ask for
+    assert by["copies"]["memorisation"] < 0.01  # exact copies (float32 distance expansion leaves ~0.004)
+    assert by["fresh"]["memorisation"] > 0.05 and by["base"]["memorisation"] > 0.02

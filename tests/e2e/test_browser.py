@@ -239,7 +239,8 @@ def test_export_a_file_and_load_it_with_diffusers(page, studio):
     info.value.save_as(str(target))
     shot(page, "export")
     base = str(bundled_path()) if studio["base"] == "bundled" else studio["base"]
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     prompt, size = "zkw style, a big green star", pipe.unet.config.sample_size * pipe.vae_scale_factor
 
