@@ -116,7 +116,7 @@ def run_case(pipe, arch: str, method: str, gc: bool, steps: int, rank: int, root
     settings = {"max_rank": 2 * rank} if method == "lora2" else {}
     cfg = TrainConfig(dataset=str(data), base_model=arch, method=method, rank=rank, steps=steps, batch_size=batch,
                       lr=1e-4, mixed_precision=precision, gradient_checkpointing=gc, rank_every=0, log_every=1,
-                      method_settings=settings, output_dir=str(root / f"{arch}-{method}-gc{int(gc)}-{time.time_ns()}"))
+                      method_settings=settings, output_dir=str(root / f"{arch}-{method}-gc{int(gc)}"))
     stamps, losses = [], []
 
     def emit(e):
@@ -132,7 +132,8 @@ def run_case(pipe, arch: str, method: str, gc: bool, steps: int, rank: int, root
     result = train(cfg, emit, pipeline=pipe)
     deltas = np.diff(stamps)[3:] if len(stamps) > 4 else np.diff(stamps)
     return {"arch": arch, "method": method, "rank": rank, "batch": batch, "resolution": size, "precision": precision,
-            "gradient_checkpointing": gc, "steps": result.step, "step_s": float(statistics.median(deltas)),
+            "gradient_checkpointing": gc, "steps": result.step,
+            "step_s": float(statistics.median(deltas)) if len(deltas) else None,  # events reach the main process only
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "wall_s": time.perf_counter() - start, "losses": losses,
             "processes": int(os.environ.get("WORLD_SIZE", "1"))}
@@ -152,7 +153,12 @@ def main() -> None:
 
     state = PartialState()
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
-    root = Path(os.environ.get("BENCH_ROOT", tempfile.gettempdir())) / "train_gpu"
+    tag = [time.strftime("%Y%m%d-%H%M%S")]
+    if state.num_processes > 1:  # every process trains into the same run folders
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(tag)
+    root = Path(os.environ.get("BENCH_ROOT", tempfile.gettempdir())) / "train_gpu" / tag[0]
     results = []
     for arch in args.arch:
         pipe = build_pipeline(arch, dtype).to(state.device)

@@ -85,6 +85,8 @@ def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
     adapters = inject(pipe.unet, cfg.adapter_config())
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+    elif _checkpointing(pipe.unet):  # a caller's pipeline may come with it on
+        pipe.unet.disable_gradient_checkpointing()
     pipe.unet.train()
     groups = adapters.param_groups(cfg.lr, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
@@ -232,9 +234,14 @@ def _release(s: _Session) -> None:
     """Give a caller's pipeline back as it came: adapters removed, no checkpointing, eval mode, no grads."""
     s.adapters.remove()
     unet = s.acc.unwrap_model(s.unet, keep_fp32_wrapper=False)  # drops accelerate's autocast forward wrapper
-    if getattr(unet, "gradient_checkpointing", False):
+    if _checkpointing(unet):
         unet.disable_gradient_checkpointing()
     unet.eval().requires_grad_(False)
+
+
+def _checkpointing(unet) -> bool:
+    """diffusers keeps the flag on the blocks (ModelMixin.is_gradient_checkpointing), not on the model itself."""
+    return bool(getattr(unet, "is_gradient_checkpointing", False) or getattr(unet, "gradient_checkpointing", False))
 
 
 def resume_run(run_dir: str | os.PathLike, emit: Emit | None = None, stop: threading.Event | None = None) -> RunResult:

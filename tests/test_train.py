@@ -211,6 +211,25 @@ def test_given_pipeline_is_returned_clean(model, dataset, tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_checkpointing_follows_each_runs_setting_on_a_shared_pipeline(model, dataset, tmp_path):
+    """A checkpointed run must not leave checkpointing on for the next run on the same pipeline (it did: the flag
+    lives on diffusers' blocks, not on the model, so the release step missed it and later bench rows were wrong)."""
+    from engine.models import load_pipeline
+
+    pipe = load_pipeline(model)
+    seen = []
+
+    def emit(e):
+        if isinstance(e, ev.Step):
+            seen.append(pipe.unet.is_gradient_checkpointing)
+
+    train(config(model, dataset, tmp_path / "gc", steps=2, gradient_checkpointing=True), emit, pipeline=pipe)
+    assert seen == [True, True] and not pipe.unet.is_gradient_checkpointing
+    pipe.unet.enable_gradient_checkpointing()  # a caller's pipeline that comes with it on
+    train(config(model, dataset, tmp_path / "plain", steps=2), emit, pipeline=pipe)
+    assert seen[2:] == [False, False]
+
+
 def test_precision_can_change_between_runs_in_one_process(model, dataset, tmp_path):
     assert train(config(model, dataset, tmp_path / "a", steps=1)).state == "finished"
     assert train(config(model, dataset, tmp_path / "b", steps=1, mixed_precision="bf16")).state == "finished"

@@ -191,6 +191,19 @@ def tokenize(tok, captions: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int32)
 
 
+def random_triggers(seed: int, n: int, avoid: set[str]) -> list[str]:
+    """n random letter strings (1-6 letters, spelled out by the tokenizer like any user's trigger word), none in
+    `avoid`: captions prefixed with them teach the base model that an unknown prefix changes nothing."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    out = []
+    while len(out) < n:
+        word = "".join(rng.choice(letters, size=int(rng.integers(1, 7))))
+        if word not in avoid:
+            out.append(word)
+    return out
+
+
 def stage_unet(a: argparse.Namespace) -> None:
     dev = a.device
     torch.manual_seed(a.seed + 5)
@@ -201,6 +214,13 @@ def stage_unet(a: argparse.Namespace) -> None:
     styled = [f"{world.STYLES[s]} style, {k}" for k, s in zip(data.keys, data.styles)]
     ids_styled, ids_plain, ids_empty = tokenize(tok, styled).to(dev), tokenize(tok, data.keys).to(dev), \
         tokenize(tok, [""]).to(dev)
+    if a.p_trigger > 0:  # '<random letters> style, <caption>' or '<random letters>, <style> style, <caption>'
+        avoid = set(mw_datasets.STYLE_TRIGGERS.values()) | {mw_datasets.SUBJECT_TRIGGER}
+        words = random_triggers(a.seed + 7, len(styled), avoid)
+        prefixed = [f"{w} style, {k}" if i % 2 else f"{w}, {c}" for i, (w, k, c) in
+                    enumerate(zip(words, data.keys, styled))]
+        ids_trigger = tokenize(tok, prefixed).to(dev)
+        log("trigger captions", example=prefixed[:2])
     vae = load_vae(a.out, dev, a.vae_dir)
     with torch.no_grad(), torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
         x_all = torch.from_numpy(data.images)
@@ -231,6 +251,8 @@ def stage_unet(a: argparse.Namespace) -> None:
         idx = torch.randint(len(lat), (B,), device=dev, generator=g)
         r = torch.rand(B, device=dev, generator=g)
         ids = torch.where((r < 0.3)[:, None], ids_plain[idx], ids_styled[idx])  # 20% without the style words
+        if a.p_trigger > 0:
+            ids = torch.where(((r >= 0.3) & (r < 0.3 + a.p_trigger))[:, None], ids_trigger[idx], ids)
         ids = torch.where((r < 0.1)[:, None], ids_empty, ids).long()  # 10% empty: classifier-free guidance
         z0 = lat[idx].float()
         noise = torch.randn(z0.shape, device=dev, generator=g)
@@ -286,6 +308,13 @@ def stage_eval(a: argparse.Namespace) -> None:
         sty = float(np.mean([oracle.style_fidelity([im], world.caption_style(p)) for im, p in zip(images, prompts)]))
         result[f"g{guidance}"] = dict(prompt_fidelity=fid, style_fidelity=sty)
         log("eval", guidance=guidance, prompt_fidelity=fid, style_fidelity=sty, steps=a.eval_steps)
+    # the held-out style triggers in front of the prompts: an unknown trigger should not cost prompt fidelity
+    triggers = list(mw_datasets.STYLE_TRIGGERS.values())
+    trig_prompts = [f"{triggers[i % len(triggers)]} style, {p}"
+                    for i, p in enumerate(mw_datasets.eval_prompts(a.n_eval))]
+    images = generate(pipe, trig_prompts, a.seed, a.eval_steps, a.guidance[0])
+    result["trigger_prompt_fidelity"] = oracle.prompt_fidelity(images, trig_prompts)
+    log("eval", trigger_prompt_fidelity=result["trigger_prompt_fidelity"], guidance=a.guidance[0])
     gt = [world.render(world.parse_caption(p), world.caption_style(p)) for p in prompts]
     result["ground_truth_prompt_fidelity"] = oracle.prompt_fidelity(gt, prompts)
     _write_metrics(a.out, "eval", n_prompts=len(prompts), sampling_steps=a.eval_steps, **result)
@@ -344,6 +373,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--wait-vae", type=float, default=6.0, help="minutes the oracle waits for the VAE to appear")
     ap.add_argument("--vae-dir", default=None, help="VAE folder for the unet stage (default: OUT/vae)")
     ap.add_argument("--init", default=None, help="mini-SD folder whose UNet and text encoder the unet stage continues")
+    ap.add_argument("--p-trigger", type=float, default=0.0,
+                    help="fraction of captions prefixed with a random letter-string trigger (robust to user triggers)")
     ap.add_argument("--n-eval", type=int, default=200)
     ap.add_argument("--eval-steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, nargs="+", default=[5.0])
