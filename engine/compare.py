@@ -44,6 +44,8 @@ class CompareConfig:
     seeds: list = _opt([0, 1], "Grid seeds.", item=int, group="grid")
     sample_steps: int = _opt(25, "Denoising steps of the grid images.", min=1, group="grid")
     strength: float = _opt(1.0, "Adapter strength in the grid.", group="grid")
+    guidance: float = _opt(7.5, "Classifier-free guidance scale of the grid (the bundled mini-SD does best at 5).",
+                           min=0.0, group="grid")
     output_dir: str = _opt("", "Report folder (empty = a new folder under $RANKSTUDIO_RUNS or ./runs).", group="grid")
 
     def __post_init__(self) -> None:
@@ -62,6 +64,9 @@ class CompareConfig:
             raise ValueError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
         if not self.dataset:
             raise ValueError("dataset must name a folder of images, got ''")
+        g = self.guidance
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g < 100:
+            raise ValueError(f"guidance must be a number in [0, 100), got {self.guidance!r}")
         for cfg in self.entries().values():
             TrainConfig.from_dict(cfg)  # every run's settings are checked before anything trains
 
@@ -109,7 +114,8 @@ def compare(config: CompareConfig, emit=None, stop: threading.Event | None = Non
     pipe = load_pipeline(config.base_model)
     prompts = config.prompts or _default_prompts(config.dataset)
     grid = generate_grid(pipe, {k: str(v["run"].path) for k, v in results.items()}, prompts, config.seeds,
-                         strength=config.strength, steps=config.sample_steps, out=folder / "grid_all.png")
+                         strength=config.strength, steps=config.sample_steps, guidance=config.guidance,
+                         out=folder / "grid_all.png")
     files = {"grid_all": str(grid.path)}
     for label in grid.labels:
         one = GridResult([label], grid.prompts, grid.seeds, {label: grid.images[label]})

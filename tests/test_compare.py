@@ -41,6 +41,8 @@ def test_config_validation():
         CompareConfig(dataset="x", methods=[], ranks=[])
     with pytest.raises(ValueError, match="lr"):
         CompareConfig(dataset="x", train_settings={"lr": -1.0})
+    with pytest.raises(ValueError, match="guidance must be a number in \\[0, 100\\), got -1"):
+        CompareConfig(dataset="x", guidance=-1)
     assert set(CompareConfig(dataset="x", ranks=[4, 16], rank=16).entries()) == {"lora", "ac_lora", "tri_lora",
                                                                                  "lora2", "lora_r4"}
 
