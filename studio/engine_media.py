@@ -115,7 +115,9 @@ class MediaMixin:
             job.report("loading the base model")
             pipe = self.pipeline(base)
             job.report(f"rendering {(len(labels) + 1) * len(prompt_list) * len(seed_list)} images")
-            grid = generate_grid(pipe, labels, prompt_list, seed_list, strength=float(strength), steps=int(steps))
+            guidance = 5.0 if base == "bundled" else 7.5  # the mini-SD follows prompts best at 5
+            grid = generate_grid(pipe, labels, prompt_list, seed_list, strength=float(strength), steps=int(steps),
+                                 guidance=guidance)
             shown = dataclasses.replace(grid, images={k: [enlarge(i) for i in v] for k, v in grid.images.items()})
             path = save_grid(shown, self.data / "compare" / f"grid-{job.id}.png")
             return str(path), self.compare_rows(grid, labels)
@@ -128,6 +130,8 @@ class MediaMixin:
 
         oracle = _oracle()
         prompts = [p for p in grid.prompts for _ in grid.seeds]
+        # the base column is scored against the style the adapters were trained on: how far each one moved it
+        target = next((s for s in map(self._style_of, labels.values()) if s), None)
         rows = []
         for label in grid.labels:
             row: list[Any] = [label, "base", 0.0, 0, ""]
@@ -138,7 +142,8 @@ class MediaMixin:
                 method = self.run_info(labels[label]).get("method") or lora.metadata.get("rankstudio.method", "?")
                 row = [label, method, round(Path(labels[label]).stat().st_size / 2**20, 3), params,
                        f"{min(ranks)} / {sum(ranks) / len(ranks):.1f} / {max(ranks)}"]
-            row += _oracle_scores(oracle, grid.images[label], prompts, self._style_of(labels.get(label)))
+            style = self._style_of(labels[label]) if label in labels else target
+            row += _oracle_scores(oracle, grid.images[label], prompts, style)
             rows.append(row)
         return rows
 

@@ -198,6 +198,10 @@ def test_compare_the_two_adapters(page, studio):
     page.wait_for_selector("#cmp-grid img")
     table = page.locator("#cmp-table").inner_text()
     assert "lora" in table and "ac_lora" in table and "base" in table
+    if studio["base"] == "bundled":  # oracle scores; the base column against the style the adapters learn (ink)
+        # cells come one per line; the base row has no ranks: base, base, MB, parameters, prompt fid., style fid.
+        cells = table.split("style fidelity", 1)[1].split()
+        assert cells[:2] == ["base", "base"] and float(cells[4]) > 0.5 and 0 <= float(cells[5]) < 0.2, cells
     shot(page, "compare")
 
 
