@@ -312,7 +312,16 @@ class AdapterSet:
         return analysis.batched_spectra(self.factors())
 
     def effective_ranks(self, tau: float = 0.9) -> dict[str, int]:
-        return {n: int(analysis.energy_rank(sp.S, tau)) for n, sp in self.spectra().items()}
+        """r_tau of every layer: one energy_rank call and one host copy per spectrum length, not per layer."""
+        spectra = self.spectra()
+        groups: dict[tuple, list[str]] = {}
+        for n, sp in spectra.items():
+            groups.setdefault((sp.S.shape[-1], sp.S.device), []).append(n)
+        ranks: dict[str, int] = {}
+        for names in groups.values():
+            ks = analysis.energy_rank(torch.stack([spectra[n].S for n in names]), tau).tolist()
+            ranks.update(zip(names, map(int, ks)))
+        return {n: ranks[n] for n in spectra}
 
     def native_ranks(self) -> dict[str, int]:
         return {name: layer.native_rank() for name, layer in self.layers.items()}
