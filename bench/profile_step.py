@@ -34,8 +34,11 @@ def make_case(case: str, arch: str, batch: int):
         for p in params:
             p.data = p.data.float()
         return train_step(unet, inputs, params, True, "cuda")
-    method = case.replace("_unfused", "")
-    ad = inject(unet, make_config(method, rank=16, **({"max_rank": 32} if method == "lora2" else {})))
+    method = case.replace("_unfused", "").replace("_noent", "")
+    extra = {"max_rank": 32} if method == "lora2" else {}
+    if case.endswith("_noent"):  # LoRA² without its cross-attention entropy term
+        extra["lambda_e"] = 0.0
+    ad = inject(unet, make_config(method, rank=16, **extra))
     for layer in ad.layers.values():
         layer.fused = not case.endswith("_unfused")
     return train_step(unet, inputs, ad.param_groups(1e-4), False, "cuda", ad)

@@ -1,6 +1,7 @@
 """The synthetic faithfulness tests of METHODS.md: shared maths, AC-LoRA, TriLoRA, LoRA², pruning criteria."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 
 from engine import analysis
 from engine.adapters import inject, make_config
-from engine.adapters.ac_lora import keep_components, keep_threshold
+from engine.adapters.ac_lora import keep_components, keep_counts, keep_threshold
 from engine.adapters.lora2 import importance, nu_for_rank, rank_from_nu
 
 
@@ -46,6 +47,44 @@ def test_batched_spectra_equal_one_by_one():
     for name, (up, down) in factors.items():
         _, S, _ = analysis.cheap_svd(up, down)
         assert torch.allclose(batched[name].S, S, atol=1e-5)
+
+
+@pytest.mark.parametrize("zero_slots", [False, True])
+def test_gram_svd_matches_qr_route(zero_slots):
+    """The GPU route (Gram + Cholesky + eigh in fp64) gives the same spectrum, factors and orthonormal columns."""
+    g = torch.Generator().manual_seed(3)
+    up, down = torch.randn(6, 48, 12, generator=g), torch.randn(6, 12, 40, generator=g)
+    if zero_slots:  # LoRA²'s inactive slots, AC-LoRA's zeroed columns: rank-deficient factors
+        up[:, :, 7:] = 0
+        down[:, 7:] = 0
+    U, S, V = analysis.gram_svd(up, down)
+    U0, S0, V0 = analysis.cheap_svd(up, down)
+    assert torch.allclose(S, S0, atol=1e-5 * float(S0.max()))
+    assert torch.allclose((U * S[:, None]) @ V.transpose(-1, -2), up @ down, atol=1e-4)
+    live = int((S0[0] > 1e-4 * S0[0, 0]).sum())
+    assert live == (7 if zero_slots else 12)
+    eye = torch.eye(live).expand(6, live, live)
+    assert torch.allclose(U[..., :live].transpose(-1, -2) @ U[..., :live], eye, atol=1e-5)
+    assert torch.allclose(V[..., :live].transpose(-1, -2) @ V[..., :live], eye, atol=1e-5)
+
+
+def test_gram_svd_resolves_small_singular_values():
+    S_true = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.1, 1e-3, 1e-5])
+    up, down = spectrum_factors(S_true)
+    _, S, _ = analysis.gram_svd(up, down)
+    assert torch.allclose(S, S_true, rtol=1e-3, atol=1e-7)
+
+
+def test_batched_spectra_routes_agree():
+    g = torch.Generator().manual_seed(4)
+    factors = {f"l{i}": (torch.randn(16, 4, generator=g), torch.randn(4, 12, generator=g)) for i in range(5)}
+    factors["wide"] = (torch.randn(8, 12, generator=g), torch.randn(12, 6, generator=g))  # r > min(d, k): QR
+    qr, gram = analysis.batched_spectra(factors, route="qr"), analysis.batched_spectra(factors, route="gram")
+    for name in factors:
+        assert gram[name].S.shape == qr[name].S.shape
+        assert torch.allclose(gram[name].S, qr[name].S, atol=1e-5)
+    with pytest.raises(ValueError, match="route"):
+        analysis.batched_spectra(factors, route="fast")
 
 
 def test_eckart_young_dropped_energy_equals_relative_error():
@@ -104,7 +143,20 @@ def test_ac_lora_flat_tail_energy_vs_paper():
     assert keep_components(S, 0.99, "paper") == 33
 
 
-def test_ac_lora_product_restart_leaves_exact_rank_k():
+@pytest.mark.parametrize("criterion", ["energy", "paper"])
+def test_batched_keep_counts_equal_one_by_one(criterion):
+    g = torch.Generator().manual_seed(5)
+    S = (torch.rand(40, 16, generator=g) ** 4).sort(-1, descending=True).values
+    S[3] = 0  # an all-zero update keeps 1
+    S[7, 2:] = 0
+    for p in (0.5, 0.9, 0.99, 0.999):
+        batched = keep_counts(S, p, criterion).tolist()
+        assert batched == [keep_components(row, p, criterion) for row in S]
+
+
+@pytest.mark.parametrize("route", ["qr", "gram"])
+def test_ac_lora_product_restart_leaves_exact_rank_k(route, monkeypatch):
+    monkeypatch.setattr(analysis, "batched_spectra", functools.partial(analysis.batched_spectra, route=route))
     model = linear_model()
     ad = inject(model, make_config("ac_lora", rank=8, targets="0"))
     layer = ad.layers["0"]
@@ -230,6 +282,18 @@ def test_lora2_entropy_term_is_recorded_on_cross_attention():
     extra.backward()
     ad.remove()
     assert all(type(m.processor).__name__ != "EntropyAttnProcessor" for m in unet.modules() if hasattr(m, "processor"))
+
+
+def test_lora2_token_entropy_equals_the_definition():
+    from engine.adapters.lora2 import token_entropy
+
+    g = torch.Generator().manual_seed(6)
+    q, k = torch.randn(2, 3, 50, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g)
+    p = torch.softmax((q @ k.transpose(-1, -2)) * 0.35, dim=2)  # (B, h, N, T): each token's map over positions
+    ref = float((-(p * p.log()).sum(2)).mean() / math.log(50))
+    assert float(token_entropy(q, k, 0.35)) == pytest.approx(ref, rel=1e-5)
+    flat = token_entropy(torch.zeros(1, 1, 50, 8), k[:1, :1], 0.35)  # uniform maps: entropy 1
+    assert float(flat) == pytest.approx(1.0, abs=1e-6)
 
 
 # --- pruning criteria ---------------------------------------------------------------------------------------

@@ -38,14 +38,16 @@ def test_fused_matches_unfused_float64(method):
         assert torch.allclose(a, b, atol=1e-11)
 
 
-def test_fused_bf16_base_fp32_adapter_close_to_reference():
+@pytest.mark.parametrize("method", ["lora", "tri_lora", "lora2"])
+def test_fused_bf16_base_fp32_adapter_close_to_reference(method):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(64, 48))
     ref = nn.Sequential(nn.Linear(64, 48)).double()
     ref.load_state_dict(model.state_dict())
     model = model.to(torch.bfloat16)
-    ad = inject(model, make_config("lora", rank=8, targets="0"))
-    ad_ref = inject(ref, make_config("lora", rank=8, targets="0"), adapter_dtype=torch.float64)
+    extra = {"max_rank": 10} if method == "lora2" else {}
+    ad = inject(model, make_config(method, rank=8, targets="0", alpha=4.0, **extra))
+    ad_ref = inject(ref, make_config(method, rank=8, targets="0", alpha=4.0, **extra), adapter_dtype=torch.float64)
     with torch.no_grad():
         for p, q in zip(ad.parameters(), ad_ref.parameters()):
             p.copy_(torch.randn_like(p) * 0.2)
@@ -60,10 +62,11 @@ def test_fused_bf16_base_fp32_adapter_close_to_reference():
         assert rel(a, b) < 2e-2
 
 
-def test_compute_copies_follow_the_masters():
+@pytest.mark.parametrize("method", ["lora", "tri_lora"])
+def test_compute_copies_follow_the_masters(method):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(16, 16)).to(torch.bfloat16)
-    ad = inject(model, make_config("lora", rank=4, targets="0"))
+    ad = inject(model, make_config(method, rank=4, targets="0"))
     layer = ad.layers["0"]
     opt = torch.optim.AdamW(ad.parameters(), lr=0.1)
     x = torch.randn(5, 16, dtype=torch.bfloat16)
@@ -74,8 +77,14 @@ def test_compute_copies_follow_the_masters():
         if refresh:
             ad.refresh_shadows()
             key = layer._shadow[0]
-            assert key[1:3] == (layer.lora_A._version, layer.lora_B._version)  # a forward will not re-cast
+            down, up = layer.down_up()
+            assert key[1] == down._version  # a forward will not re-cast
+            assert key[2] == (up._version if method == "lora" else -1)
         model(x)
         _, down_c, up_c = layer._shadow
-        assert torch.equal(down_c, layer.lora_A.detach().bfloat16())
-        assert torch.equal(up_c, layer.lora_B.detach().bfloat16())
+        down, up = layer.down_up()
+        assert torch.equal(down_c, down.detach().bfloat16())
+        if method == "lora":
+            assert torch.equal(up_c, up.detach().bfloat16())
+        else:  # B diag(sigma) is formed in each forward; only A is kept cast
+            assert up_c is None

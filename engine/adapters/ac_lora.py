@@ -59,6 +59,46 @@ def keep_components(S: torch.Tensor, p: float, criterion: str = "energy") -> int
     return max(1, min(k, S.numel()))
 
 
+def keep_counts(S: torch.Tensor, p: float, criterion: str = "energy") -> torch.Tensor:
+    """keep_components for a batch of spectra S (n, r), on their device, without a host copy: (n,) counts."""
+    S = S.detach().float()
+    total = S.sum(-1)
+    if criterion == "energy":
+        e = S.pow(2)
+        frac = e.cumsum(-1) / e.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        k = (frac < p - 1e-7).sum(-1) + 1
+    elif criterion == "paper":
+        k = (S.cumsum(-1) < p * total[:, None]).sum(-1)
+    else:
+        raise ValueError(f"unknown AC-LoRA criterion {criterion!r}; choose energy or paper")
+    k = k.clamp(1, max(S.shape[-1], 1))
+    return torch.where(total > 0, k, torch.ones_like(k))
+
+
+def restart_factors(A: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, k: torch.Tensor,
+                    scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """New (A, B) for a batch of same-shape layers after a restart (pure; shapes: A (n, r, k_in), U (n, d, r'),
+    S (n, r'), V (n, k_in, r'), k (n,), scale (n,)).
+
+    The top-k components of dW / scale are split as sqrt(S) into B's first k columns and A's first k rows; A's
+    other rows are fresh Gaussian noise with the std of A's part outside the kept row space; B's other columns 0.
+    """
+    n, r, k_in = A.shape
+    rp = S.shape[-1]
+    mask = torch.arange(rp, device=S.device) < k[:, None]  # (n, r')
+    root = (S / scale[:, None]).clamp_min(0).sqrt() * mask
+    Vk = V * mask[:, None, :]
+    resid = A - (A @ Vk) @ Vk.transpose(-1, -2)
+    std = resid.flatten(1).std(1) if resid[0].numel() > 1 else torch.zeros(n, device=A.device)
+    std = torch.where(std > 0, std, torch.full_like(std, 1.0 / math.sqrt(k_in)))
+    new_a = torch.randn_like(A) * std[:, None, None]
+    kept = root[:, :, None] * Vk.transpose(-1, -2)  # (n, r', k_in)
+    new_a[:, :rp] = torch.where(mask[:, :, None], kept, new_a[:, :rp])
+    new_b = torch.zeros(n, U.shape[1], r, device=U.device, dtype=U.dtype)
+    new_b[:, :, :rp] = U * root[:, None, :]
+    return new_a, new_b
+
+
 def _batched_svd(mats: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Thin SVD of many matrices, one call per shape."""
     groups: dict[tuple, list[str]] = defaultdict(list)
@@ -105,25 +145,28 @@ class ACLoRASet(AdapterSet):
         return {"p": p, "mean_loss": mean_loss, "epoch": epoch, "ranks": ranks}
 
     def _restart_product(self, p: float) -> dict[str, int]:
+        """Batched over same-shape layers: one cheap SVD per group, one host copy of all k, no per-layer sync."""
         spectra = self.spectra()
-        ranks = {}
+        groups: dict[tuple, list[str]] = defaultdict(list)
         for name, layer in self.layers.items():
-            sp = spectra[name]
-            k = keep_components(sp.S, p, self.config.criterion)
-            A, B = layer.lora_A, layer.lora_B
-            # dW / scale = U (S / scale) V^T; split the root of S between the two factors
-            root = (sp.S[:k] / layer.scale).sqrt()
-            Vk = sp.V[:, :k]  # (in, k)
-            resid = A.float() - (A.float() @ Vk) @ Vk.T  # part of A outside the kept row space
-            std = float(resid.std()) if resid.numel() > 1 else 0.0
-            std = std if std > 0 else 1.0 / math.sqrt(layer.in_features)
-            B.zero_()
-            B[:, :k] = (sp.U[:, :k] * root).to(B.dtype)
-            A.copy_(torch.randn_like(A) * std)
-            A[:k] = (root[:, None] * Vk.T).to(A.dtype)
-            layer.kept_rank = k
-            ranks[name] = k
-        return ranks
+            groups[(tuple(layer.lora_A.shape), tuple(layer.lora_B.shape), layer.lora_A.device)].append(name)
+        ks = {key: keep_counts(torch.stack([spectra[n].S for n in names]), p, self.config.criterion)
+              for key, names in groups.items()}
+        host = torch.cat([k.cpu() for k in ks.values()]).tolist() if ks else []  # the one sync
+        ranks = dict(zip([n for names in groups.values() for n in names], map(int, host), strict=True))
+        for key, names in groups.items():
+            layers = [self.layers[n] for n in names]
+            S = torch.stack([spectra[n].S for n in names])  # (n, r')
+            U = torch.stack([spectra[n].U for n in names])  # (n, d, r')
+            V = torch.stack([spectra[n].V for n in names])  # (n, k_in, r')
+            new_a, new_b = restart_factors(torch.stack([layer.lora_A.detach().float() for layer in layers]),
+                                           U, S, V, ks[key], torch.tensor([layer.scale for layer in layers],
+                                                                          device=S.device))
+            torch._foreach_copy_([layer.lora_A for layer in layers] + [layer.lora_B for layer in layers],
+                                 list(new_a.unbind(0)) + list(new_b.unbind(0)))
+            for n, layer in zip(names, layers, strict=True):
+                layer.kept_rank = ranks[n]
+        return {n: ranks[n] for n in self.layers}
 
     def _restart_paper(self, p: float) -> dict[str, int]:
         svd_a = _batched_svd({n: layer.lora_A for n, layer in self.layers.items()})

@@ -138,9 +138,17 @@ class AdapterLayer(nn.Module):
         if self.fused and not self.is_conv:
             cd = torch.get_autocast_dtype(device_type) if autocast else self.base.weight.dtype
             down, up = self.down_up()
-            down_c, up_c = self.compute_copies(down, up, cd)
-            return lowrank_linear(x.to(cd), self.base.weight, self.base.bias, down, up, self.forward_vector(), self.scale,
-                                  down_c, up_c)
+            vec = self.forward_vector()
+            if vec is None:
+                down_c, up_c = self.compute_copies(down, up, cd)
+                return lowrank_linear(x.to(cd), self.base.weight, self.base.bias, down, up, None, self.scale,
+                                      down_c, up_c)
+            # TriLoRA / LoRA²: fold s diag(v) into B first (autograd on d x r, a few tiny kernels) so that the
+            # fused op runs the plain LoRA chain, with no extra work on the N x r activations
+            up_v = up * (vec * self.scale if self.scale != 1 else vec)
+            down_c, _ = self.compute_copies(down, None, cd)
+            return lowrank_linear(x.to(cd), self.base.weight, self.base.bias, down, up_v, None, 1.0, down_c,
+                                  up_v.detach().to(cd))
         y = self.base(x)
         dtype = self.param_dtype
         if x.dtype != dtype and not autocast:
@@ -150,18 +158,18 @@ class AdapterLayer(nn.Module):
     def forward_vector(self) -> torch.Tensor | None:
         return self.vector()
 
-    def compute_copies(self, down: torch.Tensor, up: torch.Tensor, cd: torch.dtype):
-        """A and B in the compute dtype, re-cast only when the masters changed (their version counters moved).
+    def compute_copies(self, down: torch.Tensor, up: torch.Tensor | None, cd: torch.dtype):
+        """A and B (or A alone, up=None) in the compute dtype, re-cast only when the masters changed.
 
         AdapterSet.refresh_shadows() re-casts every layer at once after the optimizer step (one foreach copy);
         without it each layer re-casts itself in its next forward.
         """
-        if down.dtype == cd and up.dtype == cd:
+        if down.dtype == cd and (up is None or up.dtype == cd):
             return down, up
-        key = (cd, down._version, up._version, down.data_ptr(), up.data_ptr())
+        key = (cd, *_versions(down, up))
         if self._shadow is None or self._shadow[0] != key:
             with torch.no_grad():
-                self._shadow = (key, down.detach().to(cd), up.detach().to(cd))
+                self._shadow = (key, down.detach().to(cd), None if up is None else up.detach().to(cd))
         return self._shadow[1], self._shadow[2]
 
     @property
@@ -211,6 +219,13 @@ class AdapterLayer(nn.Module):
         return f"{self.in_features} -> {self.out_features}, native_rank={self.native_rank()}"
 
 
+def _versions(down: torch.Tensor, up: torch.Tensor | None) -> tuple:
+    """What identifies the masters' current values: version counters and storage of A (and B)."""
+    if up is None:
+        return down._version, -1, down.data_ptr(), -1
+    return down._version, up._version, down.data_ptr(), up.data_ptr()
+
+
 class AdapterSet:
     """All adapted layers of one model for one method, with the hooks the trainer calls.
 
@@ -242,13 +257,17 @@ class AdapterSet:
         dst, src = [], []
         for layer in layers:
             down, up = layer.down_up()
-            dst += [layer._shadow[1], layer._shadow[2]]
-            src += [down.detach(), up.detach()]
+            _, dc, uc = layer._shadow
+            dst.append(dc)
+            src.append(down.detach())
+            if uc is not None:
+                dst.append(uc)
+                src.append(up.detach())
         torch._foreach_copy_(dst, src)
         for layer in layers:
             down, up = layer.down_up()
             key, dc, uc = layer._shadow
-            layer._shadow = ((key[0], down._version, up._version, down.data_ptr(), up.data_ptr()), dc, uc)
+            layer._shadow = ((key[0], *_versions(down, None if uc is None else up)), dc, uc)
 
     def reset_step(self) -> None:
         """Forget per-forward records (LoRA²'s attention entropies) left by sampling or a checkpoint recompute."""

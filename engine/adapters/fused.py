@@ -11,6 +11,15 @@ import torch
 import torch.nn.functional as F
 
 
+def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b delivered in `dtype`: on CUDA a bf16/fp16 product accumulates straight into fp32 (one kernel, no cast)."""
+    if a.dtype == dtype:
+        return a @ b
+    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=dtype)
+    return (a @ b).to(dtype)
+
+
 def _scaled_up(up: torch.Tensor, vec: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """s * B diag(v) in the compute dtype (up is already in it)."""
     if vec is None:
@@ -52,10 +61,13 @@ class LowRankLinear(torch.autograd.Function):
                 grad_x = (g2 @ w).view(x.shape)
             h = x2 @ downc.T  # (N, r)
             gb = g2 @ upc  # (N, r)
+            down_dtype, up_dtype = ctx.master_dtypes
             if vec is None:
                 ls = None
-                grad_up = (g2.T @ h) * s if s != 1 else g2.T @ h
-                grad_down = (gb.T @ x2) * s if s != 1 else gb.T @ x2
+                grad_up = _mm_to(g2.T, h, up_dtype)
+                grad_down = _mm_to(gb.T, x2, down_dtype)
+                if s != 1:
+                    grad_up, grad_down = grad_up * s, grad_down * s
             else:
                 ls = (vec * s if s != 1 else vec).to(cd)
                 grad_up = g2.T @ (h * ls)
@@ -64,7 +76,6 @@ class LowRankLinear(torch.autograd.Function):
             if vec is not None and ctx.needs_input_grad[5]:
                 acc = torch.promote_types(cd, torch.float32)
                 grad_vec = ((gb.to(acc) * h.to(acc)).sum(0) * s).to(vec.dtype)
-        down_dtype, up_dtype = ctx.master_dtypes
         return grad_x, None, None, grad_down.to(down_dtype), grad_up.to(up_dtype), grad_vec, None, None, None
 
 

@@ -108,7 +108,11 @@ class LoRA2Layer(AdapterLayer):
         return self.lambdas()
 
     def native_rank(self) -> int:
-        return int(self.active.sum())
+        """D, the number of active slots: kept on the host and re-read (a device sync) only if the mask changed."""
+        key = (self.active._version, self.active.data_ptr())
+        if getattr(self, "_rank_cache", (None,))[0] != key:
+            self._rank_cache = (key, int(self.active.sum()))
+        return self._rank_cache[1]
 
     def continuous_rank(self) -> float:
         return float(-math.log1p(-self.q) / self.nu)
@@ -120,6 +124,8 @@ class LoRA2Layer(AdapterLayer):
         new = torch.arange(self.config.max_rank, device=self.active.device) < new_rank
         grown, shrunk = new & ~self.active, self.active & ~new
         self.active.copy_(new)
+        kept = int(min(max(new_rank, 0), self.config.max_rank))
+        self._rank_cache = ((self.active._version, self.active.data_ptr()), kept)
         if grown.any():
             std = self.init_std()
             idx = grown.nonzero().squeeze(1)
@@ -134,11 +140,20 @@ class LoRA2Layer(AdapterLayer):
 
 
 # --- cross-attention entropy -------------------------------------------------------------------------------
-class EntropyAttnProcessor:
-    """Cross-attention computed explicitly; records the entropy of each token's map over image positions.
+def token_entropy(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Mean entropy of each text token's attention map over the N image positions, over log N (in [0, 1]).
 
-    Entropies are normalised by log(N_image) so the term is comparable across resolutions.
+    q: (B, h, N, hd) image queries, k: (B, h, T, hd) text keys. The scores are formed as k q^T, (B, h, T, N), so
+    the softmax over image positions runs along the contiguous last dimension (fast kernels, no transpose).
+    A text-side attention mask adds one constant per token and so does not change these maps.
     """
+    n = q.shape[-2]
+    logp = ((k @ q.transpose(-1, -2)) * scale).float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1).mean() / math.log(max(n, 2))
+
+
+class EntropyAttnProcessor:
+    """Cross-attention through SDPA (as diffusers computes it); while training, also records token_entropy."""
 
     def __init__(self, store: list):
         self.store = store
@@ -150,14 +165,12 @@ class EntropyAttnProcessor:
         v = attn.to_v(encoder_hidden_states)
         h = attn.heads
         q, k, v = (t.view(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))  # (B, h, N, hd)
-        scores = (q @ k.transpose(-1, -2)) * attn.scale  # (B, h, N_img, N_tok)
+        mask = None
         if attention_mask is not None:
-            scores = scores + attn.prepare_attention_mask(attention_mask, k.shape[2], b).view(b, h, -1, k.shape[2])
-        out = scores.softmax(-1) @ v
+            mask = attn.prepare_attention_mask(attention_mask, k.shape[2], b).view(b, h, -1, k.shape[2])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
         if torch.is_grad_enabled():  # training only: nothing is kept while sampling
-            logp = scores.float().log_softmax(dim=2)  # distribution over image positions per token
-            ent = -(logp.exp() * logp).sum(2).mean() / math.log(max(n, 2))
-            self.store.append(ent)
+            self.store.append(token_entropy(q, k, attn.scale))
         out = out.transpose(1, 2).reshape(b, n, -1).to(q.dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -268,7 +281,7 @@ def _reset_slices(optimizer: torch.optim.Optimizer, layer: LoRA2Layer, slots: to
         state = optimizer.state.get(param)
         if not state:
             continue
-        for key, value in state.items():
+        for value in state.values():
             if torch.is_tensor(value) and value.shape == param.shape:
                 if dim == 0:
                     value[slots] = 0
