@@ -88,3 +88,25 @@ def test_compute_copies_follow_the_masters(method):
             assert torch.equal(up_c, up.detach().bfloat16())
         else:  # B diag(sigma) is formed in each forward; only A is kept cast
             assert up_c is None
+
+
+@pytest.mark.parametrize("method", ["tri_lora", "lora2"])
+def test_batched_fold_is_used_and_follows_every_optimizer_step(method):
+    """The set folds s B diag(v) for all layers before each model forward; the layers use it, never a stale one."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 8)).double()
+    ad = inject(model, make_config(method, rank=3, targets="0,1,2", alpha=6.0, **EXTRA.get(method, {})),
+                adapter_dtype=torch.float64)
+    opt = torch.optim.SGD(ad.parameters(), lr=0.5)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    for _ in range(3):
+        fused, plain = _run(model, ad, x, True), _run(model, ad, x, False)
+        layer = ad.layers["1"]
+        assert layer._folded is not None and layer._folded[2][0] == layer.fold_key()  # made by the set's hook
+        assert torch.allclose(fused[0], plain[0], atol=1e-12)
+        for a, b in zip(fused[2], plain[2], strict=True):
+            assert torch.allclose(a, b, atol=1e-11)
+        opt.step()  # moves B and v in place: the stored fold is now stale
+        assert layer._folded[2][0] != layer.fold_key()
+    ad.remove()
+    assert not model._forward_pre_hooks

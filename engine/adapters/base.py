@@ -97,6 +97,7 @@ class AdapterLayer(nn.Module):
         self.merged = False
         self.fused = True  # one fused autograd op per Linear (engine/adapters/fused.py); False: separate ops
         self._shadow = None  # (key, A, B in the compute dtype), see compute_copies
+        self._folded = None  # (s B diag(v), its compute-dtype copy, key), set by AdapterSet.fold_vectors
 
     # --- what every method defines -------------------------------------------------------------
     def down_up(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,12 +144,17 @@ class AdapterLayer(nn.Module):
                 down_c, up_c = self.compute_copies(down, up, cd)
                 return lowrank_linear(x.to(cd), self.base.weight, self.base.bias, down, up, None, self.scale,
                                       down_c, up_c)
-            # TriLoRA / LoRA²: fold s diag(v) into B first (autograd on d x r, a few tiny kernels) so that the
-            # fused op runs the plain LoRA chain, with no extra work on the N x r activations
-            up_v = up * (vec * self.scale if self.scale != 1 else vec)
+            # TriLoRA / LoRA²: fold s diag(v) into B first (autograd on d x r) so that the fused op runs the plain
+            # LoRA chain, with no extra work on the N x r activations. Inside a model forward the set has folded
+            # every layer at once (AdapterSet.fold_vectors); a lone layer call folds itself.
+            folded = self._folded
+            if folded is not None and folded[2] == (self.fold_key(), torch.is_grad_enabled(), cd):
+                up_v, up_vc = folded[0], folded[1]
+            else:
+                up_v = up * (vec * self.scale if self.scale != 1 else vec)
+                up_vc = up_v.detach().to(cd)
             down_c, _ = self.compute_copies(down, None, cd)
-            return lowrank_linear(x.to(cd), self.base.weight, self.base.bias, down, up_v, None, 1.0, down_c,
-                                  up_v.detach().to(cd))
+            return lowrank_linear(x.to(cd), self.base.weight, self.base.bias, down, up_v, None, 1.0, down_c, up_vc)
         y = self.base(x)
         dtype = self.param_dtype
         if x.dtype != dtype and not autocast:
@@ -157,6 +163,10 @@ class AdapterLayer(nn.Module):
 
     def forward_vector(self) -> torch.Tensor | None:
         return self.vector()
+
+    def fold_key(self) -> tuple:
+        """Version counters of everything s B diag(v) depends on: a folded copy is stale once one moves."""
+        return tuple(p._version for p in self.parameters(recurse=False))
 
     def compute_copies(self, down: torch.Tensor, up: torch.Tensor | None, cd: torch.dtype):
         """A and B (or A alone, up=None) in the compute dtype, re-cast only when the masters changed.
@@ -235,10 +245,41 @@ class AdapterSet:
 
     method: ClassVar[str] = "base"
 
+    folds_vectors: ClassVar[bool] = False  # TriLoRA, LoRA²: a per-rank vector between the factors
+
     def __init__(self, model: nn.Module, config: AdapterConfig, layers: dict[str, AdapterLayer]):
         self.model = model
         self.config = config
         self.layers = layers
+        self._fold_hook = model.register_forward_pre_hook(self._before_forward) if self.folds_vectors else None
+
+    def _before_forward(self, module, args) -> None:
+        self.prepare_vectors()
+        self.fold_vectors()
+
+    def prepare_vectors(self) -> None:
+        """Compute every layer's vector for this forward in batched ops (LoRA²'s importance weights)."""
+
+    def fold_vectors(self) -> None:
+        """s B diag(v) for every layer in a few batched ops per shape group (stack, multiply, cast), instead of
+        several small kernels per layer forward and backward; the layers pick their slice in their forward."""
+        layers = [layer for layer in self.layers.values() if not layer.merged and not layer.is_conv]
+        if not layers:
+            return
+        device_type = layers[0].base.weight.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        grad = torch.is_grad_enabled()
+        groups: dict[tuple, list[AdapterLayer]] = {}
+        for layer in layers:
+            cd = torch.get_autocast_dtype(device_type) if autocast else layer.base.weight.dtype
+            groups.setdefault((tuple(layer.down_up()[1].shape), layer.scale, cd), []).append(layer)
+        for (_, scale, cd), group in groups.items():
+            ups = torch.stack([layer.down_up()[1] for layer in group])  # (n, d, r)
+            vecs = torch.stack([layer.forward_vector() for layer in group])  # (n, r)
+            folded = ups * (vecs * scale if scale != 1 else vecs)[:, None, :]
+            compute = folded.detach().to(cd)
+            for layer, f, c in zip(group, folded.unbind(0), compute.unbind(0), strict=True):
+                layer._folded = (f, c, (layer.fold_key(), grad, cd))
 
     # trainer hooks ------------------------------------------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
@@ -310,7 +351,12 @@ class AdapterSet:
         self.after_load()
 
     def on_remove(self) -> None:
-        """Undo anything the method installed besides the layers (LoRA²'s attention processors)."""
+        """Undo anything the method installed besides the layers (the fold hook, LoRA²'s attention processors)."""
+        if self._fold_hook is not None:
+            self._fold_hook.remove()
+            self._fold_hook = None
+        for layer in self.layers.values():
+            layer._folded = None
 
     def after_load(self) -> None:
         """Recompute derived state (masks, ranks) after loading tensors."""

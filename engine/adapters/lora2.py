@@ -107,6 +107,9 @@ class LoRA2Layer(AdapterLayer):
             return self._lam[0]
         return self.lambdas()
 
+    def fold_key(self) -> tuple:
+        return (*super().fold_key(), self.active._version)
+
     def native_rank(self) -> int:
         """D, the number of active slots: kept on the host and re-read (a device sync) only if the mask changed."""
         key = (self.active._version, self.active.data_ptr())
@@ -185,20 +188,20 @@ def _plain_cross_attention(module: nn.Module) -> bool:
 # --- the model-level hooks ---------------------------------------------------------------------------------
 class LoRA2Set(AdapterSet):
     method = "lora2"
+    folds_vectors = True
 
     def __init__(self, model, config: LoRA2Config, layers):
         super().__init__(model, config, layers)
         self._entropies: list = []
         self._saved_processors: dict[str, object] = {}
         self._nu_targets: torch.Tensor | None = None
-        self._hooks = [model.register_forward_pre_hook(self._batched_lambdas)]
         if config.lambda_e > 0:
             for name, module in model.named_modules():
                 if _plain_cross_attention(module):
                     self._saved_processors[name] = module.processor
                     module.set_processor(EntropyAttnProcessor(self._entropies))
 
-    def _batched_lambdas(self, module, args) -> None:
+    def prepare_vectors(self) -> None:
         """Every layer's importance weights in a few batched ops instead of several small ops per layer."""
         layers = list(self.layers.values())
         if not layers:
@@ -262,8 +265,7 @@ class LoRA2Set(AdapterSet):
         return total, terms
 
     def on_remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
+        super().on_remove()
         for name, proc in self._saved_processors.items():
             self.model.get_submodule(name).set_processor(proc)
         self._saved_processors.clear()

@@ -62,6 +62,7 @@ class TriLoRALayer(AdapterLayer):
 
 class TriLoRASet(AdapterSet):
     method = "tri_lora"
+    folds_vectors = True
 
 
 METHOD = register(Method("tri_lora", "TriLoRA", TriLoRAConfig, TriLoRALayer, TriLoRASet,
