@@ -157,7 +157,10 @@ def graphed(core, before):
 
 
 def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, rank=16, method=None, mode="bf16",
-             checkpointing=False, fused=True, graphs=False, results=None, extra=None):
+             checkpointing=False, fused=True, graphs=False, results=None, extra=None, op="chain"):
+    from engine.adapters import fused as fused_module
+
+    fused_module.FORWARD = op  # the fused op's form (see engine/adapters/fused.py); restored below
     unet = unet_fn()
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -182,6 +185,7 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
             layer.fused = fused
         step = train_step(unet, inputs, adapters.param_groups(1e-4), autocast, device, adapters, graphs)
     sec, peak = time_steps(step, device, warmup, steps)
+    fused_module.FORWARD = "chain"
     row = {"name": name, "arch": arch, "batch": batch, "kind": kind, "method": method or kind, "rank": rank,
            "mode": mode + (" graph" if graphs else ""), "checkpointing": checkpointing, "fused": fused,
            "step_s": sec, "peak_gib": peak}
@@ -225,6 +229,8 @@ def plan(arch: str, quick: bool, graphs: bool = False):
         for m in method_names():
             for r in (16, 64):  # graph mode is where the bars are read: both ranks even with --quick
                 cases.append((f"{m} r{r} bf16 graph", dict(kind="ours", method=m, rank=r, graphs=True)))
+        cases.append(("lora r16 bf16 graph, merged-weight op", dict(kind="ours", method="lora", rank=16, graphs=True,
+                                                                    op="merged")))
         cases.append(("lora2 r16 bf16 graph, no entropy term", dict(kind="ours", method="lora2", rank=16, graphs=True,
                                                                     extra={"lambda_e": 0.0})))
         cases.append(("peft r16 autocast graph", dict(kind="peft", rank=16, mode="autocast", graphs=True)))

@@ -21,8 +21,12 @@ def _run(model, adapters, x, fused: bool):
     return y.detach(), x.grad, [p.grad.clone() for p in adapters.parameters()]
 
 
+@pytest.mark.parametrize("forward", ["chain", "merged"])
 @pytest.mark.parametrize("method", ["lora", "ac_lora", "tri_lora", "lora2"])
-def test_fused_matches_unfused_float64(method):
+def test_fused_matches_unfused_float64(method, forward, monkeypatch):
+    from engine.adapters import fused as fused_module
+
+    monkeypatch.setattr(fused_module, "FORWARD", forward)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 10)).double()
     ad = inject(model, make_config(method, rank=3, targets="0", alpha=6.0, **EXTRA.get(method, {})),

@@ -2,8 +2,13 @@
 
 Why: an adapted layer done as separate ops (two matmuls, a scale, an add on the N x d output, dtype casts) costs
 several kernel launches and autograd nodes per layer; on SDXL's 560 adapted layers that dominates the step.
-Here the forward is one `addmm` (W + s B diag(v) A, a d x k update) and the layer's own matmul; the backward
-recomputes the merged weight instead of storing it, and forms the low-rank gradients from N x r products.
+
+Two forms, same maths (FORWARD picks one; the bench times both):
+- "chain" (default): y = x W^T + b, then y += s (x A^T) B^T in place (addmm_); h = x A^T is kept for the
+  backward, where grad_x = g W, then grad_x += s (g B) A in place. 3 kernels forward, 5 backward.
+- "merged": the forward forms W + s B A with one addmm and runs the layer's own matmul; the backward recomputes
+  the merged weight. On CUDA an out-of-place addmm first copies its d x k input (a memcpy per call), so this
+  costs 3 forward and 7 backward launches, and reads/writes d x k twice.
 """
 from __future__ import annotations
 
@@ -27,7 +32,56 @@ def _scaled_up(up: torch.Tensor, vec: torch.Tensor | None, scale: float, dtype: 
     return up * (vec * scale if scale != 1 else vec).to(dtype)
 
 
-class LowRankLinear(torch.autograd.Function):
+FORWARD = "chain"
+
+
+class ChainLowRankLinear(torch.autograd.Function):
+    """Same contract as MergedLowRankLinear; the low-rank chain is added in place to the base output."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, vec, scale, down_c, up_c):
+        with torch.autocast(x.device.type, enabled=False):
+            cd = x.dtype
+            k = x.shape[-1]
+            x2 = x.reshape(-1, k)
+            h = x2 @ down_c.T  # (N, r)
+            hs = h if vec is None else h * vec.to(cd)
+            y = F.linear(x2, weight.to(cd), None if bias is None else bias.to(cd))
+            y.addmm_(hs, up_c.T, alpha=scale)
+        ctx.save_for_backward(x, weight, down_c, up_c, vec, hs)
+        ctx.scale = scale
+        ctx.master_dtypes = (down.dtype, up.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, downc, upc, vec, hs = ctx.saved_tensors
+        s = ctx.scale
+        down_dtype, up_dtype = ctx.master_dtypes
+        with torch.autocast(g.device.type, enabled=False):
+            cd = x.dtype
+            k, d = x.shape[-1], g.shape[-1]
+            x2, g2 = x.reshape(-1, k), g.to(cd).reshape(-1, d)
+            gb = g2 @ upc  # (N, r)
+            gbs = gb if vec is None else gb * vec.to(cd)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = g2 @ weight.to(cd)
+                grad_x.addmm_(gbs, downc, alpha=s)
+                grad_x = grad_x.view(x.shape)
+            grad_up = _mm_to(g2.T, hs, up_dtype)
+            grad_down = _mm_to(gbs.T, x2, down_dtype)
+            if s != 1:
+                grad_up, grad_down = grad_up * s, grad_down * s
+            grad_vec = None
+            if vec is not None and ctx.needs_input_grad[5]:
+                acc = torch.promote_types(cd, torch.float32)
+                h = x2 @ downc.T
+                grad_vec = ((gb.to(acc) * h.to(acc)).sum(0) * s).to(vec.dtype)
+        return grad_x, None, None, grad_down, grad_up, grad_vec, None, None, None
+
+
+class MergedLowRankLinear(torch.autograd.Function):
     """x: (..., k) in the compute dtype; weight (d, k) frozen; down A (r, k), up B (d, r), vec v (r) or None.
 
     down_c / up_c are A and B in the compute dtype (the same tensors when no cast is needed): the layer keeps
@@ -80,5 +134,6 @@ class LowRankLinear(torch.autograd.Function):
 
 
 def lowrank_linear(x, weight, bias, down, up, vec, scale: float, down_c=None, up_c=None):
-    return LowRankLinear.apply(x, weight, bias, down, up, vec, scale, down if down_c is None else down_c,
+    op = ChainLowRankLinear if FORWARD == "chain" else MergedLowRankLinear
+    return op.apply(x, weight, bias, down, up, vec, scale, down if down_c is None else down_c,
                                up if up_c is None else up_c)
