@@ -344,3 +344,54 @@ def test_choose_ranks_cap_and_floor():
     with pytest.raises(ValueError, match="rank cap must be a positive integer"):
         analysis.choose_ranks(spectra, tau=0.9, cap=0)
     assert math.isclose(analysis.kept_energy(analysis.Spectrum(None, S_KNOWN, None), 8), 1.0)
+
+
+def test_lora2_entropy_under_checkpointing_keeps_no_maps_and_same_gradients():
+    """With gradient checkpointing the entropy is recomputed in the backward: same loss and gradients,
+    and the (B, h, T, N) maps are not among the tensors kept for the backward."""
+    from test_adapters import inputs, tiny_unet
+
+    from engine.adapters.lora2 import token_entropy
+
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 4, 64, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, 4, 7, 8, generator=g, requires_grad=True)
+
+    def saved_bytes(fn):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        return out, total[0]
+    plain, plain_bytes = saved_bytes(lambda: token_entropy(q, k, 0.35))
+    recomputed, ckpt_bytes = saved_bytes(lambda: torch.utils.checkpoint.checkpoint(
+        token_entropy, q, k, 0.35, use_reentrant=False))
+    maps = 2 * 4 * 7 * 64 * 4  # one fp32 (B, h, T, N) map
+    inputs_only = (q.numel() + k.numel()) * 4
+    assert plain_bytes >= 2 * maps and ckpt_bytes <= inputs_only
+    assert torch.allclose(plain, recomputed)
+
+    grads = []
+    for checkpointing in (False, True):
+        unet = tiny_unet()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        ad = inject(unet, make_config("lora2", rank=4, max_rank=8, lambda_e=1.0, seed=1))
+        with torch.no_grad():
+            for p in ad.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) * 0.05)
+        x, t, c = inputs()
+        ad.reset_step()
+        loss = unet(x, t, c).sample.pow(2).mean()
+        extra, terms = ad.extra_loss()
+        assert ad._entropy_options["recompute"] is checkpointing
+        (loss + extra).backward()  # as the trainer does: one backward through both
+        grads.append((float(terms["entropy"]), [p.grad.clone() for p in ad.parameters() if p.grad is not None]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    assert len(grads[0][1]) == len(grads[1][1]) > 0
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

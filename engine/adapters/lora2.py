@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from engine.adapters.base import AdapterConfig, AdapterLayer, AdapterSet, opt
@@ -156,10 +157,16 @@ def token_entropy(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
 
 
 class EntropyAttnProcessor:
-    """Cross-attention through SDPA (as diffusers computes it); while training, also records token_entropy."""
+    """Cross-attention through SDPA (as diffusers computes it); while training, also records token_entropy.
 
-    def __init__(self, store: list):
+    With options["recompute"] (set while the model uses gradient checkpointing) the entropy's (B, h, T, N) maps
+    are not kept for the backward but recomputed from q and k, which the attention keeps anyway: the entropy
+    leaves the checkpointed block through the store, so without this it would hold every block's maps.
+    """
+
+    def __init__(self, store: list, options: dict | None = None):
         self.store = store
+        self.options = options if options is not None else {"recompute": False}
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         b, n, _ = hidden_states.shape
@@ -173,7 +180,11 @@ class EntropyAttnProcessor:
             mask = attn.prepare_attention_mask(attention_mask, k.shape[2], b).view(b, h, -1, k.shape[2])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
         if torch.is_grad_enabled():  # training only: nothing is kept while sampling
-            self.store.append(token_entropy(q, k, attn.scale))
+            if self.options["recompute"]:
+                ent = torch.utils.checkpoint.checkpoint(token_entropy, q, k, attn.scale, use_reentrant=False)
+            else:
+                ent = token_entropy(q, k, attn.scale)
+            self.store.append(ent)
         out = out.transpose(1, 2).reshape(b, n, -1).to(q.dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -193,16 +204,18 @@ class LoRA2Set(AdapterSet):
     def __init__(self, model, config: LoRA2Config, layers):
         super().__init__(model, config, layers)
         self._entropies: list = []
+        self._entropy_options = {"recompute": False}
         self._saved_processors: dict[str, object] = {}
         self._nu_targets: torch.Tensor | None = None
         if config.lambda_e > 0:
             for name, module in model.named_modules():
                 if _plain_cross_attention(module):
                     self._saved_processors[name] = module.processor
-                    module.set_processor(EntropyAttnProcessor(self._entropies))
+                    module.set_processor(EntropyAttnProcessor(self._entropies, self._entropy_options))
 
     def prepare_vectors(self) -> None:
         """Every layer's importance weights in a few batched ops instead of several small ops per layer."""
+        self._entropy_options["recompute"] = bool(getattr(self.model, "is_gradient_checkpointing", False))
         layers = list(self.layers.values())
         if not layers:
             return
