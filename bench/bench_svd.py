@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,22 +19,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_speed import build_unet, sync  # noqa: E402
+from bench_speed import build_unet, time_steps  # noqa: E402
 
 from engine import analysis  # noqa: E402
 from engine.adapters import inject, make_config  # noqa: E402
 
 
 def timed(fn, device: str, repeat: int = 5) -> float:
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_steps(fn, device, warmup=1, steps=repeat)[0]
 
 
 def measure(arch: str, rank: int, device: str) -> dict:
@@ -48,7 +38,7 @@ def measure(arch: str, rank: int, device: str) -> dict:
             p.copy_(torch.randn(p.shape, device=device, generator=g) * 0.02)
     state = [p.detach().clone() for p in ad.parameters()]
     row = {"arch": arch, "rank": rank, "layers": len(ad.layers), "device": device}
-    original = analysis.batched_spectra
+    original = analysis.grouped_spectra
     ranks = {}
 
     def reset():
@@ -56,7 +46,7 @@ def measure(arch: str, rank: int, device: str) -> dict:
             for p, s in zip(ad.parameters(), state, strict=True):
                 p.copy_(s)
     for route in ("qr", "gram"):
-        analysis.batched_spectra = functools.partial(original, route=route)
+        analysis.grouped_spectra = functools.partial(original, route=route)
         try:
             reset()
             row[f"rank_measure_{route}_s"] = timed(lambda: ad.effective_ranks(0.9), device)
@@ -68,7 +58,7 @@ def measure(arch: str, rank: int, device: str) -> dict:
             row[f"restart_{route}_s"] = timed(restart, device)
             ranks[f"restart_{route}"] = restart()["ranks"]
         finally:
-            analysis.batched_spectra = original
+            analysis.grouped_spectra = original
     row["ranks_equal"] = ranks["qr"] == ranks["gram"]
     row["restart_ranks_equal"] = ranks["restart_qr"] == ranks["restart_gram"]
     row["mean_rank_tau0.9"] = sum(ranks["gram"].values()) / len(ranks["gram"])

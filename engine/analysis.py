@@ -71,10 +71,11 @@ def eig_device_for(rank: int, device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "cuda" and rank > 32 else device
 
 
-def batched_spectra(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], route: str = "auto"
-                    ) -> dict[str, Spectrum]:
+def grouped_spectra(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], route: str = "auto"
+                    ) -> list[tuple[list[str], Spectrum]]:
     """Cheap SVD of many layers at once: layers whose (d, r, k) agree go through one batched call.
 
+    Returns (names, Spectrum of stacked tensors: U (n, d, r'), S (n, r'), V (n, k, r')) per group.
     route: "qr" (cheap_svd), "gram" (gram_svd where r <= min(d, k), every real adapter; QR otherwise) or "auto":
     gram on CUDA, where batched QR and SVD loop over the matrices, QR elsewhere (fp64 products cost more on a CPU).
     """
@@ -83,19 +84,24 @@ def batched_spectra(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], ro
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name, (up, down) in factors.items():
         groups[(tuple(up.shape), tuple(down.shape), up.device)].append(name)
-    out: dict[str, Spectrum] = {}
+    out = []
     for (ushape, dshape, device), names in groups.items():
         ups = torch.stack([factors[n][0].detach() for n in names])
         downs = torch.stack([factors[n][1].detach() for n in names])
         d, r, k = ushape[0], ushape[1], dshape[1]
         gram = route == "gram" or (route == "auto" and device.type == "cuda")
         if gram and r <= min(d, k):
-            U, S, V = gram_svd(ups, downs, eig_device_for(r, device))
+            out.append((names, Spectrum(*gram_svd(ups, downs, eig_device_for(r, device)))))
         else:
-            U, S, V = cheap_svd(ups, downs)
-        for i, n in enumerate(names):
-            out[n] = Spectrum(U[i], S[i], V[i])
+            out.append((names, Spectrum(*cheap_svd(ups, downs))))
     return out
+
+
+def batched_spectra(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], route: str = "auto"
+                    ) -> dict[str, Spectrum]:
+    """grouped_spectra split into one Spectrum per layer (views into the group tensors)."""
+    return {n: Spectrum(sp.U[i], sp.S[i], sp.V[i])
+            for names, sp in grouped_spectra(factors, route=route) for i, n in enumerate(names)}
 
 
 def energy_rank(S: torch.Tensor, tau: float) -> torch.Tensor:

@@ -156,7 +156,7 @@ def test_batched_keep_counts_equal_one_by_one(criterion):
 
 @pytest.mark.parametrize("route", ["qr", "gram"])
 def test_ac_lora_product_restart_leaves_exact_rank_k(route, monkeypatch):
-    monkeypatch.setattr(analysis, "batched_spectra", functools.partial(analysis.batched_spectra, route=route))
+    monkeypatch.setattr(analysis, "grouped_spectra", functools.partial(analysis.grouped_spectra, route=route))
     model = linear_model()
     ad = inject(model, make_config("ac_lora", rank=8, targets="0"))
     layer = ad.layers["0"]

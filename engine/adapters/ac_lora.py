@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine import analysis
 from engine.adapters.base import AdapterSet, opt
 from engine.adapters.lora import LoRAConfig, LoRALayer
 from engine.adapters.registry import Method, register
@@ -46,17 +47,7 @@ def keep_threshold(mean_loss: float, epoch: int, total_epochs: int) -> float:
 
 def keep_components(S: torch.Tensor, p: float, criterion: str = "energy") -> int:
     """Components kept at threshold p: energy = min k with cumsum(s^2) >= p total; paper = #{i: cumsum(s)_i < p sum s}."""
-    S = S.detach().float().cpu()
-    if S.numel() == 0 or float(S.sum()) <= 0:
-        return 1
-    if criterion == "energy":
-        frac = S.pow(2).cumsum(0) / S.pow(2).sum()
-        k = int((frac < p - 1e-7).sum()) + 1
-    elif criterion == "paper":
-        k = int((S.cumsum(0) < p * S.sum()).sum())
-    else:
-        raise ValueError(f"unknown AC-LoRA criterion {criterion!r}; choose energy or paper")
-    return max(1, min(k, S.numel()))
+    return int(keep_counts(S.detach().float().cpu()[None], p, criterion)[0])
 
 
 def keep_counts(S: torch.Tensor, p: float, criterion: str = "energy") -> torch.Tensor:
@@ -146,22 +137,17 @@ class ACLoRASet(AdapterSet):
 
     def _restart_product(self, p: float) -> dict[str, int]:
         """Batched over same-shape layers: one cheap SVD per group, one host copy of all k, no per-layer sync."""
-        spectra = self.spectra()
-        groups: dict[tuple, list[str]] = defaultdict(list)
-        for name, layer in self.layers.items():
-            groups[(tuple(layer.lora_A.shape), tuple(layer.lora_B.shape), layer.lora_A.device)].append(name)
-        ks = {key: keep_counts(torch.stack([spectra[n].S for n in names]), p, self.config.criterion)
-              for key, names in groups.items()}
-        host = torch.cat([k.cpu() for k in ks.values()]).tolist() if ks else []  # the one sync
-        ranks = dict(zip([n for names in groups.values() for n in names], map(int, host), strict=True))
-        for key, names in groups.items():
+        groups = analysis.grouped_spectra(self.factors())  # grouped by (B, A) shape: the layers' own groups
+        if not groups:
+            return {}
+        ks = [keep_counts(sp.S, p, self.config.criterion) for _, sp in groups]
+        host = torch.cat([k.to(ks[0].device) for k in ks]).tolist()  # the one sync
+        ranks = dict(zip([n for names, _ in groups for n in names], map(int, host), strict=True))
+        for (names, sp), k in zip(groups, ks, strict=True):
             layers = [self.layers[n] for n in names]
-            S = torch.stack([spectra[n].S for n in names])  # (n, r')
-            U = torch.stack([spectra[n].U for n in names])  # (n, d, r')
-            V = torch.stack([spectra[n].V for n in names])  # (n, k_in, r')
+            scales = torch.tensor([layer.scale for layer in layers], device=sp.S.device)
             new_a, new_b = restart_factors(torch.stack([layer.lora_A.detach().float() for layer in layers]),
-                                           U, S, V, ks[key], torch.tensor([layer.scale for layer in layers],
-                                                                          device=S.device))
+                                           sp.U, sp.S, sp.V, k, scales)
             torch._foreach_copy_([layer.lora_A for layer in layers] + [layer.lora_B for layer in layers],
                                  list(new_a.unbind(0)) + list(new_b.unbind(0)))
             for n, layer in zip(names, layers, strict=True):

@@ -151,7 +151,7 @@ class AdapterLayer(nn.Module):
             if folded is not None and folded[2] == (self.fold_key(), torch.is_grad_enabled(), cd):
                 up_v, up_vc = folded[0], folded[1]
             else:
-                up_v = up * (vec * self.scale if self.scale != 1 else vec)
+                up_v = fold_vector(up, vec, self.scale)
                 up_vc = up_v.detach().to(cd)
             down_c, _ = self.compute_copies(down, None, cd)
             return lowrank_linear(x.to(cd), self.base.weight, self.base.bias, down, up_v, None, 1.0, down_c, up_vc)
@@ -229,6 +229,11 @@ class AdapterLayer(nn.Module):
         return f"{self.in_features} -> {self.out_features}, native_rank={self.native_rank()}"
 
 
+def fold_vector(up: torch.Tensor, vec: torch.Tensor, scale: float) -> torch.Tensor:
+    """s B diag(v): the up factor with the per-rank vector and the scale folded in (broadcast over the last dim)."""
+    return up * (vec * scale if scale != 1 else vec)
+
+
 def _versions(down: torch.Tensor, up: torch.Tensor | None) -> tuple:
     """What identifies the masters' current values: version counters and storage of A (and B)."""
     if up is None:
@@ -276,7 +281,7 @@ class AdapterSet:
         for (_, scale, cd), group in groups.items():
             ups = torch.stack([layer.down_up()[1] for layer in group])  # (n, d, r)
             vecs = torch.stack([layer.forward_vector() for layer in group])  # (n, r)
-            folded = ups * (vecs * scale if scale != 1 else vecs)[:, None, :]
+            folded = fold_vector(ups, vecs[:, None, :], scale)
             compute = folded.detach().to(cd)
             for layer, f, c in zip(group, folded.unbind(0), compute.unbind(0), strict=True):
                 layer._folded = (f, c, (layer.fold_key(), grad, cd))
@@ -377,16 +382,14 @@ class AdapterSet:
         return analysis.batched_spectra(self.factors())
 
     def effective_ranks(self, tau: float = 0.9) -> dict[str, int]:
-        """r_tau of every layer: one energy_rank call and one host copy per spectrum length, not per layer."""
-        spectra = self.spectra()
-        groups: dict[tuple, list[str]] = {}
-        for n, sp in spectra.items():
-            groups.setdefault((sp.S.shape[-1], sp.S.device), []).append(n)
-        ranks: dict[str, int] = {}
-        for names in groups.values():
-            ks = analysis.energy_rank(torch.stack([spectra[n].S for n in names]), tau).tolist()
-            ranks.update(zip(names, map(int, ks)))
-        return {n: ranks[n] for n in spectra}
+        """r_tau of every layer: one energy_rank call per shape group and one host copy for all layers."""
+        groups = analysis.grouped_spectra(self.factors())
+        if not groups:
+            return {}
+        ks = [analysis.energy_rank(sp.S, tau) for _, sp in groups]
+        host = torch.cat([k.to(ks[0].device) for k in ks]).tolist()
+        ranks = dict(zip([n for names, _ in groups for n in names], map(int, host), strict=True))
+        return {n: ranks[n] for n in self.layers}
 
     def native_ranks(self) -> dict[str, int]:
         return {name: layer.native_rank() for name, layer in self.layers.items()}

@@ -73,6 +73,7 @@ class LoRA2Layer(AdapterLayer):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, R))
         self.rho = nn.Parameter(torch.tensor(inverse_softplus(self.nu_target)))
         self.register_buffer("active", torch.arange(R) < r0)
+        self._rank_cache: tuple = (None, r0)  # ((active's version, storage), D): native_rank without a sync
         self._lam: tuple | None = None  # (weights, rho version, rank version) set by LoRA2Set at each model forward
         std = self.init_std()
         self.lora_A.data[:r0] = torch.randn(r0, self.in_features, generator=generator) * std
@@ -114,7 +115,7 @@ class LoRA2Layer(AdapterLayer):
     def native_rank(self) -> int:
         """D, the number of active slots: kept on the host and re-read (a device sync) only if the mask changed."""
         key = (self.active._version, self.active.data_ptr())
-        if getattr(self, "_rank_cache", (None,))[0] != key:
+        if self._rank_cache[0] != key:
             self._rank_cache = (key, int(self.active.sum()))
         return self._rank_cache[1]
 
