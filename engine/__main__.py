@@ -80,7 +80,10 @@ class Progress:
         if isinstance(event, ev.Started):
             self.bar = tqdm(total=event.total_steps, initial=event.step, desc=f"{self.prefix}{event.method}",
                             unit="step", dynamic_ncols=True)
-            tqdm.write(f"run folder: {event.run_dir}" + (" (resumed)" if event.resumed else ""))
+            tqdm.write(f"run folder: {event.run_dir}" + (" (resumed)" if event.resumed else "")
+                       + f"; steps run {event.step_mode.replace('_', ' ')}")
+        elif isinstance(event, ev.Notice):
+            tqdm.write(f"step {event.step}: {event.message}")
         elif isinstance(event, ev.Step) and self.bar is not None:
             self.bar.update(event.step - self.bar.n)
             self.bar.set_postfix(loss=f"{event.loss:.4f}", epoch=event.epoch)

@@ -16,6 +16,7 @@ class Started:
     steps_per_epoch: int
     method: str
     resumed: bool = False
+    step_mode: str = "eager"  # how steps run: eager, cuda_graph or compile (see TrainConfig.step_mode)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,14 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class Notice:
+    """Something the user should know that does not stop training (e.g. a speed-up fell back to eager)."""
+
+    step: int
+    message: str
+
+
+@dataclass(frozen=True)
 class Failed:
     """Training raised; `error` is the readable message, `kind` the exception class name."""
 
@@ -101,9 +110,10 @@ class Failed:
     kind: str = "Error"
 
 
-Event = Started | Step | Ranks | Restart | RankChange | Sample | Checkpoint | Stopped | Finished | Failed
+Event = Started | Step | Ranks | Restart | RankChange | Sample | Checkpoint | Stopped | Finished | Notice | Failed
 EVENT_TYPES: dict[str, type] = {cls.__name__.lower(): cls for cls in (Started, Step, Ranks, Restart, RankChange,
-                                                                     Sample, Checkpoint, Stopped, Finished, Failed)}
+                                                                     Sample, Checkpoint, Stopped, Finished, Notice,
+                                                                     Failed)}
 
 
 def to_dict(event: Event) -> dict[str, Any]:

@@ -17,6 +17,7 @@ T = TypeVar("T")
 class CompileState:
     enabled: bool
     reason: str = ""
+    checked: bool = False  # the first (compiling) step has run
 
 
 def unet_blocks(unet: nn.Module) -> list[nn.Module]:

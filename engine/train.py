@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from engine import data as data_mod
 from engine import events as ev
-from engine import models, runs
+from engine import models, runs, speed, step_graph
 from engine.adapters import inject
 from engine.train_config import PRECISIONS, TrainConfig
 
@@ -59,6 +59,10 @@ class _Session:
     step: int = 0
     loss_sum: torch.Tensor | None = None  # since the last AC-LoRA restart (device tensor: no host sync per step)
     loss_count: int = 0
+    mode: str = "eager"  # how steps run: eager, cuda_graph or compile
+    notice: str = ""  # why a requested mode fell back to eager (reported once the run has started)
+    graphed: step_graph.GraphedStep | None = None  # the captured step (mode cuda_graph)
+    compiled: speed.CompileState | None = None  # torch.compile state (mode compile), checked on the first step
 
 
 def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
@@ -88,13 +92,36 @@ def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
     elif _checkpointing(pipe.unet):  # a caller's pipeline may come with it on
         pipe.unet.disable_gradient_checkpointing()
     pipe.unet.train()
+    mode, notice = _step_mode(cfg, acc)
+    compiled = speed.compile_blocks(pipe.unet) if mode == "compile" else None
+    if compiled is not None and not compiled.enabled:
+        mode, notice = "eager", compiled.reason
     groups = adapters.param_groups(cfg.lr, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    cuda = acc.device.type == "cuda"  # fused AdamW: one kernel for all tensors; capturable: graph-safe state
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, **({"fused": True, "capturable": True} if cuda else {}))
     unet, optimizer = acc.prepare(pipe.unet, optimizer)
     gen = torch.Generator(acc.device).manual_seed(cfg.seed * 1009 + acc.process_index)
     noise = DDPMScheduler.from_config(pipe.scheduler.config)
     return _Session(acc, pipe, unet, adapters, optimizer, noise, data, [g["lr"] for g in groups], gen, spe, total,
-                    math.ceil(total / spe), resolution)
+                    math.ceil(total / spe), resolution, mode=mode, notice=notice, compiled=compiled)
+
+
+def _step_mode(cfg: TrainConfig, acc) -> tuple[str, str]:
+    """The step mode this run uses and, when it differs from the one asked for, why."""
+    if cfg.step_mode in ("eager", "compile"):
+        return cfg.step_mode, ""
+    why = step_graph.graphs_unsupported(acc.device, acc.num_processes, cfg.mixed_precision)
+    if not why:
+        return "cuda_graph", ""
+    return "eager", ("" if cfg.step_mode == "auto" else why)
+
+
+def _start_graphs(s: _Session, cfg: TrainConfig) -> None:
+    """Wrap the step's two halves in a GraphedStep (after a resume has loaded the optimizer state)."""
+    step_graph.tensor_lrs(s.optimizer, s.acc.device)
+    scale = 1.0 / cfg.grad_accum  # one process: every step has grad_accum micro-batches
+    s.graphed = step_graph.GraphedStep(lambda inputs: _forward_backward(s, inputs, scale),
+                                       lambda: _update(s, cfg), s.adapters.parameters())
 
 
 def _accelerator(mixed_precision: str):
@@ -124,8 +151,8 @@ def _reset_step_state(adapters) -> None:
     adapters.reset_step()
 
 
-def _micro_loss(s: _Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """DDPM loss of one micro-batch: MSE between the UNet output and the scheduler's prediction target."""
+def _micro_inputs(s: _Session, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The UNet's inputs and the loss target of one micro-batch: noise and timesteps drawn, latents noised."""
     latents = batch["latents"].float()
     noise = torch.randn(latents.shape, generator=s.gen, device=latents.device)
     t = torch.randint(0, s.noise.config.num_train_timesteps, (latents.shape[0],), generator=s.gen,
@@ -138,37 +165,86 @@ def _micro_loss(s: _Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if target is None:
         raise ValueError(f"unsupported prediction_type {kind!r} in the model's scheduler")
     dtype = s.pipe.unet.dtype
-    extra = {}
+    inputs = {"noisy": noisy.to(dtype), "t": t, "text": batch["text"].to(dtype), "target": target}
     if "text_embeds" in batch:
-        extra["added_cond_kwargs"] = {"text_embeds": batch["text_embeds"].to(dtype), "time_ids": batch["time_ids"]}
-    pred = s.unet(noisy.to(dtype), t, encoder_hidden_states=batch["text"].to(dtype), **extra).sample
-    return F.mse_loss(pred.float(), target.float())
+        inputs.update(text_embeds=batch["text_embeds"].to(dtype), time_ids=batch["time_ids"])
+    return inputs
 
 
-def _optimizer_step(s: _Session, cfg: TrainConfig, micro: list[list[tuple[int, bool]]]) -> tuple[torch.Tensor, dict]:
-    """Forward/backward over this process's micro-batches (gradients synced on the last), clip, AdamW step."""
+def _forward_backward(s: _Session, inputs: dict[str, torch.Tensor], scale: float) -> tuple[torch.Tensor, dict]:
+    """DDPM loss (MSE between the UNet output and the target) plus the method's terms; backward of scale x it."""
+    extra = {}
+    if "text_embeds" in inputs:
+        extra["added_cond_kwargs"] = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+    with s.acc.autocast():
+        pred = s.unet(inputs["noisy"], inputs["t"], encoder_hidden_states=inputs["text"], **extra).sample
+        loss = F.mse_loss(pred.float(), inputs["target"].float())
+        more, parts = s.adapters.extra_loss()
+        s.acc.backward((loss if more is None else loss + more) * scale)
+    return loss.detach(), {k: v.detach().float() for k, v in parts.items()}
+
+
+def _update(s: _Session, cfg: TrainConfig) -> None:
+    """Clip, AdamW step, zero the gradients (kept allocated under CUDA graphs), refresh the factors' copies."""
+    if cfg.max_grad_norm > 0:
+        s.acc.clip_grad_norm_(s.adapters.parameters(), cfg.max_grad_norm)
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=s.graphed is None)
+    s.adapters.refresh_shadows()  # bf16 copies of A and B for the next forward, one foreach copy for all layers
+
+
+def _optimizer_step(s: _Session, cfg: TrainConfig, micro: list[list[tuple[int, bool]]],
+                    log: _Log) -> tuple[torch.Tensor, dict]:
+    """Forward/backward over this process's micro-batches (gradients synced on the last), then the update."""
     from contextlib import nullcontext
 
     acc, total, terms = s.acc, torch.zeros((), device=s.acc.device), {}
     for i, batch in enumerate(micro):
         _reset_step_state(s.adapters)
-        sync = i == len(micro) - 1
-        with (nullcontext() if sync else acc.no_sync(s.unet)), acc.autocast():
-            loss = _micro_loss(s, s.data.collate(batch, acc.device))
-            extra, parts = s.adapters.extra_loss()
-            full = loss if extra is None else loss + extra
-            acc.backward(full / len(micro))
-        total = total + loss.detach() / len(micro)
+        inputs = _micro_inputs(s, s.data.collate(batch, acc.device))
+        with nullcontext() if i == len(micro) - 1 else acc.no_sync(s.unet):
+            loss, parts = _micro(s, inputs, 1.0 / len(micro), log)
+        total = total + loss / len(micro)
         for k, v in parts.items():
-            terms[k] = terms.get(k, 0) + v.detach().float() / len(micro)
-    if cfg.max_grad_norm > 0:
-        acc.clip_grad_norm_(s.adapters.parameters(), cfg.max_grad_norm)
-    s.optimizer.step()
-    s.optimizer.zero_grad(set_to_none=True)
-    s.adapters.refresh_shadows()  # bf16 copies of A and B for the next forward, one foreach copy for all layers
+            terms[k] = terms.get(k, 0) + v / len(micro)
+    if s.graphed is not None:
+        try:
+            s.graphed.update()
+        except step_graph.CaptureError as e:
+            _graph_fallback(s, log, e)
+            _update(s, cfg)
+    else:
+        _update(s, cfg)
     if acc.num_processes > 1:
         total = acc.reduce(total, reduction="mean")
     return total, terms
+
+
+def _micro(s: _Session, inputs: dict[str, torch.Tensor], scale: float, log: _Log) -> tuple[torch.Tensor, dict]:
+    """One micro-batch in the session's mode; a failed capture or compile falls back to eager, nothing lost."""
+    if s.graphed is not None:
+        try:
+            return s.graphed.micro(inputs)
+        except step_graph.CaptureError as e:  # capture records without running: the batch has not been used
+            _graph_fallback(s, log, e)
+            _reset_step_state(s.adapters)
+    elif s.compiled is not None and s.compiled.enabled and not s.compiled.checked:
+        def first() -> tuple[torch.Tensor, dict]:
+            _reset_step_state(s.adapters)
+            s.optimizer.zero_grad(set_to_none=True)  # the first micro-batch of the run: nothing to keep
+            return _forward_backward(s, inputs, scale)
+        out, s.compiled = speed.first_step_with_fallback(first, s.acc.unwrap_model(s.unet), s.compiled)
+        s.compiled.checked = True
+        if not s.compiled.enabled:
+            s.mode = "eager"
+            log(ev.Notice(s.step, f"torch.compile could not run, training continues eagerly ({s.compiled.reason})"))
+        return out
+    return _forward_backward(s, inputs, scale)
+
+
+def _graph_fallback(s: _Session, log: _Log, error: Exception) -> None:
+    s.graphed, s.mode = None, "eager"
+    log(ev.Notice(s.step, f"CUDA graph capture failed, training continues eagerly ({error})"))
 
 
 class _Log:
@@ -215,7 +291,11 @@ def train(config: TrainConfig, emit: Emit | None = None, stop: threading.Event |
         s = _setup(config, pipeline)
         if resume:
             _restore(s, run)
-        log(ev.Started(str(run.path), s.step, s.total_steps, s.steps_per_epoch, config.method, resume))
+        if s.mode == "cuda_graph":
+            _start_graphs(s, config)
+        log(ev.Started(str(run.path), s.step, s.total_steps, s.steps_per_epoch, config.method, resume, s.mode))
+        if s.notice:
+            log(ev.Notice(s.step, s.notice))
         state = _loop(s, config, run, log, stop)
         files = _finish(s, config, run, log, started) if state == "finished" else {}
         return RunResult(str(run.path), state, s.step, s.total_steps, files, time.time() - started)
@@ -226,6 +306,8 @@ def train(config: TrainConfig, emit: Emit | None = None, stop: threading.Event |
             log(ev.Failed(step, str(e) or type(e).__name__, type(e).__name__))
         raise
     finally:
+        if s is not None:
+            s.graphed = None  # its graphs hold the step's activation memory
         if pipeline is not None and s is not None:
             _release(s)
 
@@ -233,7 +315,8 @@ def train(config: TrainConfig, emit: Emit | None = None, stop: threading.Event |
 def _release(s: _Session) -> None:
     """Give a caller's pipeline back as it came: adapters removed, no checkpointing, eval mode, no grads."""
     s.adapters.remove()
-    unet = s.acc.unwrap_model(s.unet, keep_fp32_wrapper=False)  # drops accelerate's autocast forward wrapper
+    unet = s.acc.unwrap_model(s.unet, keep_fp32_wrapper=False)
+    speed.uncompile(unet)  # drops accelerate's autocast forward wrapper
     if _checkpointing(unet):
         unet.disable_gradient_checkpointing()
     unet.eval().requires_grad_(False)
@@ -272,10 +355,12 @@ def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: t
         change = s.adapters.before_step(s.step, s.optimizer)
         if change and change.get("ranks"):
             log(ev.RankChange(s.step + 1, dict(change["ranks"])))
+        if change:  # factors moved outside the step: refresh the compute-dtype copies the next forward reads
+            s.adapters.refresh_shadows()
         factor = _lr_factor(cfg, s.step, s.total_steps)
         for group, base in zip(s.optimizer.param_groups, s.base_lrs):
-            group["lr"] = base * factor
-        loss, terms = _optimizer_step(s, cfg, micro)
+            step_graph.set_lr(group, base * factor)
+        loss, terms = _optimizer_step(s, cfg, micro, log)
         s.step += 1
         s.loss_sum, s.loss_count = s.loss_sum + loss, s.loss_count + 1
         pending.append((s.step, epoch, loss, cfg.lr * factor, terms))
@@ -285,6 +370,7 @@ def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: t
         if s.adapters.restart_due(epoch, s.total_epochs, s.step - 1, s.total_steps, epoch_end):
             mean = float(s.loss_sum / max(s.loss_count, 1))
             info = s.adapters.restart(mean, epoch, s.total_epochs, s.optimizer)
+            s.adapters.refresh_shadows()
             s.loss_sum, s.loss_count = torch.zeros_like(s.loss_sum), 0
             log(ev.Restart(s.step, epoch, float(info["p"]), mean, dict(info["ranks"])))
         if cfg.rank_every and s.step % cfg.rank_every == 0 and s.step < s.total_steps:
@@ -341,14 +427,23 @@ def _rng_state(s: _Session) -> dict[str, torch.Tensor]:
     return state
 
 
+def _optimizer_state(optimizer) -> dict:
+    """The optimizer's state dict with plain-number learning rates (they are device tensors under CUDA graphs)."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if torch.is_tensor(group.get("lr")):
+            group["lr"] = float(group["lr"])
+    return state
+
+
 def _checkpoint(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log) -> Path:
     """Adapter tensors, optimizer moments, RNG states, step and loss-since-restart: all a resume needs."""
     path = run.checkpoints / f"step-{s.step:07d}"
     if log.main:
         state = {"step": s.step, "loss_sum": float(s.loss_sum), "loss_count": s.loss_count,
                  "extra_state": s.adapters.extra_state(), "total_steps": s.total_steps}
-        path = runs.write_checkpoint(run, s.step, s.adapters.state_dict(), s.optimizer.state_dict(), _rng_state(s),
-                                     state, keep=cfg.keep_checkpoints)
+        path = runs.write_checkpoint(run, s.step, s.adapters.state_dict(), _optimizer_state(s.optimizer),
+                                     _rng_state(s), state, keep=cfg.keep_checkpoints)
         log(ev.Checkpoint(s.step, str(path)))
     s.acc.wait_for_everyone()
     return path
@@ -362,7 +457,14 @@ def _restore(s: _Session, run: runs.RunFolder) -> None:
         adapter, optimizer, rng, state = runs.read_checkpoint(latest[1])
         s.adapters.load_state_dict(adapter)
         s.adapters.load_extra_state(state.get("extra_state", {}))
+        flags = [{k: g[k] for k in ("fused", "capturable", "foreach") if k in g} for g in s.optimizer.param_groups]
         s.optimizer.load_state_dict(optimizer)
+        for group, keep in zip(s.optimizer.param_groups, flags):  # this machine's kernels, not the saver's
+            group.update(keep)
+            for p in group["params"] if keep.get("fused") or keep.get("capturable") else []:
+                st = s.optimizer.state.get(p, {})
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].to(p.device, torch.float32)
         s.gen.set_state(rng["noise"])
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():

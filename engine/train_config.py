@@ -12,6 +12,7 @@ from engine.adapters import make_config, method_names
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCHEDULES = ("constant", "linear", "cosine")
+STEP_MODES = ("auto", "cuda_graph", "compile", "eager")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -52,6 +53,11 @@ class TrainConfig:
                                 choices=tuple(PRECISIONS), group="run")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass (less memory, slower).",
                                         group="run")
+    step_mode: str = _opt("auto", "How each step runs on the GPU: cuda_graph captures the step once per image shape "
+                          "and replays it (fewest kernel launches, fastest); compile uses torch.compile on the UNet's "
+                          "blocks; eager runs op by op; auto = cuda_graph where it can run (one CUDA GPU, bf16 or "
+                          "no mixed precision), else eager. A mode that cannot run falls back to eager with a notice.",
+                          choices=STEP_MODES, group="run")
     sample_every: int = _opt(0, "Write sample images every N steps (0 = only at the end when prompts are set).",
                              min=0, group="samples")
     sample_prompts: list = _opt([], "Prompts of the sample images.", group="samples")

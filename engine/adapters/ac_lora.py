@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engine import analysis
-from engine.adapters.base import AdapterSet, opt
+from engine.adapters.base import AdapterSet, opt, reset_moments
 from engine.adapters.lora import LoRAConfig, LoRALayer
 from engine.adapters.registry import Method, register
 
@@ -130,9 +130,7 @@ class ACLoRASet(AdapterSet):
         else:
             ranks = self._restart_paper(p)
         if optimizer is not None:
-            for layer in self.layers.values():
-                for param in (layer.lora_A, layer.lora_B):
-                    optimizer.state.pop(param, None)
+            reset_moments(optimizer, [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)])
         return {"p": p, "mean_loss": mean_loss, "epoch": epoch, "ranks": ranks}
 
     def _restart_product(self, p: float) -> dict[str, int]:

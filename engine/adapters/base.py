@@ -179,7 +179,14 @@ class AdapterLayer(nn.Module):
         key = (cd, *_versions(down, up))
         if self._shadow is None or self._shadow[0] != key:
             with torch.no_grad():
-                self._shadow = (key, down.detach().to(cd), None if up is None else up.detach().to(cd))
+                old = self._shadow
+                if old is not None and old[0][0] == cd and (old[2] is None) == (up is None):
+                    old[1].copy_(down)  # in place: a captured CUDA graph reads these very tensors
+                    if up is not None:
+                        old[2].copy_(up)
+                    self._shadow = (key, old[1], old[2])
+                else:
+                    self._shadow = (key, down.detach().to(cd), None if up is None else up.detach().to(cd))
         return self._shadow[1], self._shadow[2]
 
     @property
@@ -232,6 +239,17 @@ class AdapterLayer(nn.Module):
 def fold_vector(up: torch.Tensor, vec: torch.Tensor, scale: float) -> torch.Tensor:
     """s B diag(v): the up factor with the per-rank vector and the scale folded in (broadcast over the last dim)."""
     return up * (vec * scale if scale != 1 else vec)
+
+
+@torch.no_grad()
+def reset_moments(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    """Reset the optimizer state of `params` to a fresh start (moments and step count zero), in place.
+
+    Same effect as dropping the state, but the tensors keep their storage, which a captured optimizer step reads.
+    """
+    tensors = [v for p in params for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
+    if tensors:
+        torch._foreach_zero_(tensors)
 
 
 def _versions(down: torch.Tensor, up: torch.Tensor | None) -> tuple:
