@@ -338,6 +338,7 @@ def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: t
     pending: list[tuple[int, int, torch.Tensor, float, dict]] = []
     batches, batches_epoch = [], -1
     per_step = cfg.grad_accum * s.acc.num_processes
+    lag = 1 if s.acc.device.type == "cuda" else 0  # read losses one step late: the host never waits for the GPU
     if s.loss_sum is None:
         s.loss_sum = torch.zeros((), device=s.acc.device)
     while s.step < s.total_steps:
@@ -364,8 +365,9 @@ def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: t
         s.step += 1
         s.loss_sum, s.loss_count = s.loss_sum + loss, s.loss_count + 1
         pending.append((s.step, epoch, loss, cfg.lr * factor, terms))
-        if s.step % cfg.log_every == 0:
-            _flush(pending, log)
+        if s.step % cfg.log_every == 0:  # on a GPU all but this step, whose loss is still being computed
+            if _flush(pending, log, keep=lag) and log.main:
+                run.write_status("running", s.step - len(pending), s.total_steps)
         epoch_end = pos + 1 == s.steps_per_epoch
         if s.adapters.restart_due(epoch, s.total_epochs, s.step - 1, s.total_steps, epoch_end):
             mean = float(s.loss_sum / max(s.loss_count, 1))
@@ -381,20 +383,22 @@ def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: t
         if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0 and s.step < s.total_steps:
             _flush(pending, log)
             _checkpoint(s, cfg, run, log)
-        if log.main and (not pending or s.step == s.total_steps):
-            run.write_status("running", s.step, s.total_steps)
     _flush(pending, log)
     return "finished"
 
 
-def _flush(pending: list, log: _Log) -> None:
-    """Move the pending losses to the host in one transfer and emit one Step event per step."""
-    if not pending:
-        return
-    values = torch.stack([p[2] for p in pending]).tolist()
-    for (step, epoch, _, lr, terms), loss in zip(pending, values):
+def _flush(pending: list, log: _Log, keep: int = 0) -> int:
+    """Move the pending losses but the newest `keep` to the host in one transfer and emit one Step event each.
+
+    Keeping the step just launched lets the GPU run it while the host reads the previous ones. Returns how many."""
+    done = pending[:len(pending) - keep] if keep else list(pending)
+    if not done:
+        return 0
+    values = torch.stack([p[2] for p in done]).tolist()
+    for (step, epoch, _, lr, terms), loss in zip(done, values):
         log(ev.Step(step, loss, lr, epoch, {k: float(v) for k, v in terms.items()}))
-    pending.clear()
+    del pending[:len(done)]
+    return len(done)
 
 
 def _log_ranks(s: _Session, cfg: TrainConfig, log: _Log) -> None:

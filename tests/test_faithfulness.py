@@ -11,7 +11,7 @@ from torch import nn
 from engine import analysis
 from engine.adapters import inject, make_config
 from engine.adapters.ac_lora import keep_components, keep_counts, keep_threshold
-from engine.adapters.lora2 import importance, nu_for_rank, rank_from_nu
+from engine.adapters.lora2 import importance, inverse_softplus, nu_for_rank, rank_from_nu
 
 
 def spectrum_factors(S: torch.Tensor, d: int = 40, k: int = 30, seed: int = 0):
@@ -167,6 +167,7 @@ def test_ac_lora_product_restart_leaves_exact_rank_k(route, monkeypatch):
     model(torch.randn(4, 20)).sum().backward()
     opt.step()
     before = layer.delta_weight().detach().clone()
+    moments = dict(opt.state[layer.lora_A])
     info = ad.restart(mean_loss=0.1, epoch=0, total_epochs=100, optimizer=opt)
     assert info["ranks"]["0"] == 3 and layer.native_rank() == 3
     after = layer.delta_weight()
@@ -174,7 +175,8 @@ def test_ac_lora_product_restart_leaves_exact_rank_k(route, monkeypatch):
     sp = analysis.batched_spectra({"w": (before, torch.eye(20))})["w"]
     best3 = analysis.truncate(sp, 3)
     assert torch.allclose(after, best3[0] @ best3[1], atol=1e-4)
-    assert layer.lora_A.grad is not None and layer.lora_A not in opt.state  # moments reset
+    state = opt.state[layer.lora_A]  # moments reset in place (a captured optimizer step reads these tensors)
+    assert all(state[k] is v and not v.any() for k, v in moments.items()) and set(state) == set(moments)
     assert layer.lora_A[3:].abs().sum() > 0 and layer.lora_B[:, 3:].abs().sum() == 0  # fresh slots
 
 
@@ -395,3 +397,58 @@ def test_lora2_entropy_under_checkpointing_keeps_no_maps_and_same_gradients():
     assert len(grads[0][1]) == len(grads[1][1]) > 0
     for a, b in zip(grads[0][1], grads[1][1], strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_resetting_moments_in_place_equals_dropping_the_state():
+    from engine.adapters.base import reset_moments
+
+    torch.manual_seed(0)
+    p1 = nn.Parameter(torch.randn(6, 5))
+    p2 = nn.Parameter(p1.detach().clone())
+    o1, o2 = torch.optim.AdamW([p1], lr=1e-2), torch.optim.AdamW([p2], lr=1e-2)
+    for _ in range(3):
+        g = torch.randn(6, 5)
+        for p, o in ((p1, o1), (p2, o2)):
+            p.grad = g.clone()
+            o.step()
+    reset_moments(o1, [p1])
+    o2.state.pop(p2)
+    for _ in range(2):
+        g = torch.randn(6, 5)
+        for p, o in ((p1, o1), (p2, o2)):
+            p.grad = g.clone()
+            o.step()
+    assert torch.equal(p1, p2) and float(o1.state[p1]["step"]) == 2
+
+
+def test_lora2_batched_resize_zeroes_exactly_the_moved_slots():
+    model = nn.Sequential(nn.Linear(20, 24), nn.Linear(24, 24), nn.Linear(24, 24))
+    ad = inject(model, make_config("lora2", rank=4, max_rank=12, targets="0,1,2", lambda_e=0.0))
+    opt = torch.optim.AdamW(ad.param_groups(1e-2))
+    x = torch.randn(8, 20)
+    for _ in range(2):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    grow, shrink, same = ad.layers["1"], ad.layers["2"], ad.layers["0"]
+    with torch.no_grad():
+        grow.rho.fill_(inverse_softplus(nu_for_rank(7, 0.9)))
+        shrink.rho.fill_(inverse_softplus(nu_for_rank(2, 0.9)))
+    moments = {n: {k: v.clone() for k, v in opt.state[layer.lora_A].items()} for n, layer in ad.layers.items()}
+    b_moments = {n: opt.state[layer.lora_B]["exp_avg"].clone() for n, layer in ad.layers.items()}
+    y = model(x).detach()
+    y_shrunk_part = shrink.lora_B[:, 2:4] @ shrink.lora_A[2:4]  # what dropping slots 2,3 of layer 2 removes
+    change = ad.before_step(2, opt)
+    assert change == {"ranks": {"1": 7, "2": 2}}
+    assert grow.native_rank() == 7 and shrink.native_rank() == 2 and same.native_rank() == 4
+    assert grow.active.tolist() == [True] * 7 + [False] * 5
+    assert grow.lora_A[4:7].abs().sum() > 0 and grow.lora_B[:, 4:7].abs().sum() == 0
+    assert shrink.lora_A[2:].abs().sum() == 0 and shrink.lora_B[:, 2:].abs().sum() == 0
+    a_grow = opt.state[grow.lora_A]["exp_avg"]
+    assert a_grow[4:7].abs().sum() == 0 and torch.equal(a_grow[:4], moments["1"]["exp_avg"][:4])
+    assert opt.state[shrink.lora_B]["exp_avg"][:, 2:].abs().sum() == 0
+    assert torch.equal(opt.state[shrink.lora_B]["exp_avg"][:, :2], b_moments["2"][:, :2])
+    assert torch.equal(opt.state[same.lora_A]["exp_avg"], moments["0"]["exp_avg"])
+    assert float(y_shrunk_part.abs().sum()) > 0  # so that the shrink really removed something
+    assert torch.allclose(model[0](x), same.base(x) + x @ same.delta_weight().T, atol=1e-5)
+    assert torch.isfinite(model(x)).all() and model(x).shape == y.shape

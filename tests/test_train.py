@@ -253,3 +253,79 @@ def test_gpu_real_architectures_train_every_method_in_bf16(arch, gc, tmp_path):
     for method in SMALL:
         row = bench.run_case(pipe, arch, method, gc, 3, 16, tmp_path, "bf16")
         assert row["steps"] == 3 and all(np.isfinite(row["losses"])), row
+
+
+# --- step modes ---------------------------------------------------------------------------------------------
+def _losses(run_dir) -> list[float]:
+    return [m["loss"] for m in RunFolder(run_dir).metrics()]
+
+
+def test_step_modes_on_cpu_run_eagerly_and_say_why(model, dataset, tmp_path):
+    events = []
+    train(config(model, dataset, tmp_path / "auto", steps=2), emit=events.append)
+    started = [e for e in events if isinstance(e, ev.Started)][0]
+    assert started.step_mode == "eager" and not [e for e in events if isinstance(e, ev.Notice)]  # auto: quiet
+    events.clear()
+    result = train(config(model, dataset, tmp_path / "graph", steps=2, step_mode="cuda_graph"), emit=events.append)
+    notices = [e.message for e in events if isinstance(e, ev.Notice)]
+    assert result.state == "finished" and len(notices) == 1 and "CUDA graphs need a CUDA GPU" in notices[0]
+    assert _losses(tmp_path / "graph") == _losses(tmp_path / "auto")
+    with pytest.raises(ValueError, match="step_mode must be one of .* got 'warp'"):
+        config(model, dataset, tmp_path / "x", step_mode="warp")
+
+
+def test_compile_failure_falls_back_to_eager_with_the_same_losses(model, dataset, tmp_path, monkeypatch):
+    from engine import speed
+
+    def broken_compile(unet, mode=None):  # compiled blocks whose first call fails, as a failing inductor would
+        def explode(*args, **kwargs):
+            raise RuntimeError("inductor exploded")
+        for block in speed.unet_blocks(unet):
+            block._compiled_call_impl = explode
+        return speed.CompileState(True)
+
+    monkeypatch.setattr(speed, "compile_blocks", broken_compile)
+    events = []
+    result = train(config(model, dataset, tmp_path / "compiled", steps=3, step_mode="compile",
+                          method="lora2", method_settings=SMALL["lora2"]), emit=events.append)
+    notices = [e.message for e in events if isinstance(e, ev.Notice)]
+    assert result.state == "finished" and len(notices) == 1 and "inductor exploded" in notices[0]
+    train(config(model, dataset, tmp_path / "eager", steps=3, step_mode="eager", method="lora2",
+                 method_settings=SMALL["lora2"]))
+    assert _losses(tmp_path / "compiled") == _losses(tmp_path / "eager")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", list(SMALL))
+def test_gpu_cuda_graph_steps_match_eager_steps(method, tmp_path):
+    """20 steps replayed from CUDA graphs give the eager losses and adapter (bf16, two bucket shapes, grad accum,
+    a mid-run sample, AC-LoRA restarts, LoRA² rank changes), and a stopped graph run resumes to the same end."""
+    from helpers import save_tiny_pipeline
+
+    model = str(save_tiny_pipeline(tmp_path / "tiny-sd"))
+    data = str(make_image_folder(tmp_path / "ds", n=6, sizes=[(32, 32), (48, 32)]))
+    settings = {**SMALL[method], **({"restart_every_steps": 7} if method == "ac_lora" else {})}
+    runs = {}
+    for mode in ("eager", "cuda_graph"):
+        events = []
+        cfg = config(model, data, tmp_path / mode, steps=20, method=method, method_settings=settings,
+                     mixed_precision="bf16", grad_accum=2, step_mode=mode, sample_every=10,
+                     sample_prompts=["red circle"], sample_steps=2, rank_every=5)
+        assert train(cfg, emit=events.append).state == "finished"
+        assert [e.step_mode for e in events if isinstance(e, ev.Started)] == [mode]
+        assert not [e for e in events if isinstance(e, ev.Notice)]
+        runs[mode] = (np.array(_losses(tmp_path / mode)), adapter_tensors(tmp_path / mode))
+    (le, ae), (lg, ag) = runs["eager"], runs["cuda_graph"]
+    assert len(lg) == 20 and np.allclose(lg, le, rtol=2e-2, atol=1e-4), (le, lg)
+    for k in ae:
+        assert torch.allclose(ag[k].float(), ae[k].float(), rtol=5e-2, atol=1e-4 + 2e-2 * float(ae[k].abs().max())), k
+    if method == "lora2":
+        changes = [r for r in RunFolder(tmp_path / "cuda_graph").ranks() if r["type"] == "rankchange"]
+        assert changes  # the ranks did move while the steps were replayed
+    # stop after 8 steps (a checkpoint), resume in graph mode: the same end as the uninterrupted graph run
+    stop = threading.Event()
+    cfg = config(model, data, tmp_path / "resumed", steps=20, method=method, method_settings=settings,
+                 mixed_precision="bf16", grad_accum=2, step_mode="cuda_graph", rank_every=5)
+    train(cfg, emit=lambda e: stop.set() if isinstance(e, ev.Step) and e.step == 8 else None, stop=stop)
+    assert resume_run(tmp_path / "resumed").state == "finished"
+    assert np.allclose(_losses(tmp_path / "resumed"), lg, rtol=2e-2, atol=1e-4)

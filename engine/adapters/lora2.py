@@ -126,22 +126,47 @@ class LoRA2Layer(AdapterLayer):
     def set_rank(self, new_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Move the active rank to D: new A rows follow the init rule, new B columns are zero (output unchanged);
         dropped slices are zeroed. Returns the (grown, shrunk) slot masks."""
-        new = torch.arange(self.config.max_rank, device=self.active.device) < new_rank
-        grown, shrunk = new & ~self.active, self.active & ~new
-        self.active.copy_(new)
-        kept = int(min(max(new_rank, 0), self.config.max_rank))
-        self._rank_cache = ((self.active._version, self.active.data_ptr()), kept)
-        if grown.any():
-            std = self.init_std()
-            idx = grown.nonzero().squeeze(1)
-            self.lora_A[idx] = (torch.randn(len(idx), self.in_features, device=self.lora_A.device) * std).to(
-                self.lora_A.dtype)
-            self.lora_B[:, idx] = 0
-        if shrunk.any():
-            idx = shrunk.nonzero().squeeze(1)
-            self.lora_A[idx] = 0
-            self.lora_B[:, idx] = 0
-        return grown, shrunk
+        old = self.active.clone()
+        resize_layers([self], [new_rank])
+        return self.active & ~old, old & ~self.active
+
+
+@torch.no_grad()
+def resize_layers(layers: list[LoRA2Layer], ranks: list[int], optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Set the active rank of same-shape layers in a few batched ops, with no host sync: new A rows drawn with the
+    init rule (from the new mask), B columns of new slots zero (output unchanged), dropped slots zeroed, and the
+    optimizer moments of every slot that appeared or disappeared zeroed. All writes are in place."""
+    first = layers[0]
+    c, dev, R = first.config, first.active.device, first.config.max_rank
+    new = torch.arange(R, device=dev) < torch.tensor(ranks, device=dev)[:, None]  # (n, R)
+    old = torch.stack([layer.active for layer in layers])
+    grown, keep = new & ~old, ~(new ^ old)
+    lam = importance(F.softplus(torch.stack([layer.rho for layer in layers]))[:, None], R) * new
+    if c.normalise:
+        lam = lam / lam.sum(1, keepdim=True)
+    std = (c.init_c / (first.in_features * lam.float().pow(2).sum(1).clamp_min(1e-12))).sqrt()  # (n,)
+    a = torch.stack([layer.lora_A for layer in layers])  # (n, R, k)
+    fresh = torch.randn(a.shape, device=dev) * std[:, None, None]
+    a = torch.where(grown[:, :, None], fresh.to(a.dtype), a * keep[:, :, None])
+    b = torch.stack([layer.lora_B for layer in layers]) * keep[:, None, :]
+    targets = [t for layer in layers for t in (layer.active, layer.lora_A, layer.lora_B)]
+    torch._foreach_copy_(targets, [t for row in zip(new.unbind(0), a.unbind(0), b.unbind(0)) for t in row])
+    for layer, d in zip(layers, ranks, strict=True):
+        layer._rank_cache = ((layer.active._version, layer.active.data_ptr()), int(min(max(d, 0), R)))
+    if optimizer is not None:
+        _reset_slots(optimizer, [layer.lora_A for layer in layers], keep[:, :, None])
+        _reset_slots(optimizer, [layer.lora_B for layer in layers], keep[:, None, :])
+
+
+def _reset_slots(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], keep: torch.Tensor) -> None:
+    """Zero the optimizer moments outside `keep` ((n, R, 1) rows of A or (n, 1, R) columns of B), in place."""
+    states = [optimizer.state.get(p) for p in params]
+    if not all(states):  # before the first optimizer step there is nothing to reset
+        return
+    for key, value in states[0].items():
+        if torch.is_tensor(value) and value.shape == params[0].shape:
+            moments = [st[key] for st in states]
+            torch._foreach_copy_(moments, list((torch.stack(moments) * keep).unbind(0)))
 
 
 # --- cross-attention entropy -------------------------------------------------------------------------------
@@ -244,14 +269,13 @@ class LoRA2Set(AdapterSet):
         if not layers:
             return None
         nus = F.softplus(torch.stack([layer.rho.detach() for layer in layers]))
-        new = rank_from_nu(nus, self.config.q, self.config.max_rank).tolist()
-        changed = {}
-        for name, layer, d in zip(self.layers, layers, new, strict=True):
-            if d != layer.native_rank():
-                grown, shrunk = layer.set_rank(d)
-                if optimizer is not None:
-                    _reset_slices(optimizer, layer, grown | shrunk)
-                changed[name] = d
+        new = rank_from_nu(nus, self.config.q, self.config.max_rank).tolist()  # the one host sync
+        changed = {name: d for name, layer, d in zip(self.layers, layers, new, strict=True) if d != layer.native_rank()}
+        groups: dict[tuple, list[str]] = {}
+        for name in changed:
+            groups.setdefault((*self.layers[name].lora_A.shape, self.layers[name].out_features), []).append(name)
+        for names in groups.values():  # batched per shape: a rank change costs a few kernels, not a few per layer
+            resize_layers([self.layers[n] for n in names], [changed[n] for n in names], optimizer)
         return {"ranks": changed} if changed else None
 
     def reset_step(self) -> None:
@@ -289,20 +313,6 @@ class LoRA2Set(AdapterSet):
 
     def continuous_ranks(self) -> dict[str, float]:
         return {n: layer.continuous_rank() for n, layer in self.layers.items()}
-
-
-def _reset_slices(optimizer: torch.optim.Optimizer, layer: LoRA2Layer, slots: torch.Tensor) -> None:
-    """Zero the optimizer moments of the rank slots that appeared or disappeared."""
-    for param, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):
-        state = optimizer.state.get(param)
-        if not state:
-            continue
-        for value in state.values():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                if dim == 0:
-                    value[slots] = 0
-                else:
-                    value[:, slots] = 0
 
 
 METHOD = register(Method("lora2", "LoRA²", LoRA2Config, LoRA2Layer, LoRA2Set,
