@@ -123,8 +123,8 @@ def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None,
             opt.zero_grad(set_to_none=True)
 
     def before():
-        if adapters is not None:
-            adapters.before_step(counter[0], opt)  # LoRA² rank update: host side, outside any graph
+        if adapters is not None and adapters.before_step(counter[0], opt):  # LoRA² ranks: outside any graph
+            adapters.refresh_shadows()
         counter[0] += 1
     if graphs:
         return graphed(core, before)

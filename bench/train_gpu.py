@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine import events as ev  # noqa: E402
 from engine.adapters import method_names  # noqa: E402
@@ -109,20 +110,26 @@ def make_dataset(folder: Path, size: int, n: int = 8) -> Path:
     return folder
 
 
-def run_case(pipe, arch: str, method: str, gc: bool, steps: int, rank: int, root: Path, precision: str) -> dict:
+def run_case(pipe, arch: str, method: str, gc: bool, steps: int, rank: int, root: Path, precision: str,
+             step_mode: str = "auto") -> dict:
     """Train `steps` steps through engine.train.train; median step time after warm-up, peak memory, losses."""
     _, batch, size = CASES[arch]
     data = make_dataset(root / f"data-{arch}", size)
     settings = {"max_rank": 2 * rank} if method == "lora2" else {}
     cfg = TrainConfig(dataset=str(data), base_model=arch, method=method, rank=rank, steps=steps, batch_size=batch,
                       lr=1e-4, mixed_precision=precision, gradient_checkpointing=gc, rank_every=0, log_every=1,
-                      method_settings=settings, output_dir=str(root / f"{arch}-{method}-gc{int(gc)}"))
-    stamps, losses = [], []
+                      method_settings=settings, step_mode=step_mode,
+                      output_dir=str(root / f"{arch}-{method}-r{rank}-gc{int(gc)}-{step_mode}"))
+    stamps, losses, modes, notices = [], [], [], []
 
     def emit(e):
         if isinstance(e, ev.Step):
             stamps.append(time.perf_counter())
             losses.append(e.loss)
+        elif isinstance(e, ev.Started):
+            modes.append(e.step_mode)
+        elif isinstance(e, ev.Notice):
+            notices.append(e.message)
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -130,13 +137,31 @@ def run_case(pipe, arch: str, method: str, gc: bool, steps: int, rank: int, root
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     result = train(cfg, emit, pipeline=pipe)
-    deltas = np.diff(stamps)[3:] if len(stamps) > 4 else np.diff(stamps)
+    deltas = np.diff(stamps)[5:] if len(stamps) > 8 else np.diff(stamps)  # after warm-up and graph capture
     return {"arch": arch, "method": method, "rank": rank, "batch": batch, "resolution": size, "precision": precision,
-            "gradient_checkpointing": gc, "steps": result.step,
+            "gradient_checkpointing": gc, "steps": result.step, "step_mode": modes[0] if modes else None,
+            "notices": notices,
             "step_s": float(statistics.median(deltas)) if len(deltas) else None,  # events reach the main process only
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "wall_s": time.perf_counter() - start, "losses": losses,
             "processes": int(os.environ.get("WORLD_SIZE", "1"))}
+
+
+def floor_times(unet, arch: str, precision: str) -> dict[str, float]:
+    """The frozen UNet's forward+backward at the case's shapes (no adapters), eager and as a CUDA graph, with the
+    trainer's autocast: the floor each trainer step is divided by."""
+    import bench_speed
+
+    _, batch, _ = CASES[arch]
+    device, dtype = "cuda", unet.dtype
+    unet.requires_grad_(False).train()
+    out = {}
+    inputs = bench_speed.make_inputs(unet, "mini" if arch == "tiny" else arch, batch, device, dtype)
+    for name, graphs in (("floor_eager", False), ("floor_graph", True)):
+        step = bench_speed.floor_step(unet, inputs, precision != "no", device, graphs)
+        out[name], _ = bench_speed.time_steps(step, device, warmup=3, steps=10)
+    unet.eval()
+    return out
 
 
 def main() -> None:
@@ -144,7 +169,11 @@ def main() -> None:
     p.add_argument("--arch", nargs="+", default=["sd15", "sdxl"], choices=tuple(CASES))
     p.add_argument("--methods", nargs="+", default=method_names())
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rank", type=int, nargs="+", default=[16])
+    p.add_argument("--step-modes", nargs="+", default=["cuda_graph", "eager"],
+                   choices=("auto", "cuda_graph", "compile", "eager"))
+    p.add_argument("--floor", action="store_true", help="also time the frozen UNet (eager and CUDA graph) and "
+                   "report each case as x floor")
     p.add_argument("--precision", default="bf16", choices=("no", "fp16", "bf16"))
     p.add_argument("--no-gc-sweep", action="store_true", help="only without gradient checkpointing")
     p.add_argument("--out", default=None, help="write all results as a JSON list here too")
@@ -162,12 +191,20 @@ def main() -> None:
     results = []
     for arch in args.arch:
         pipe = build_pipeline(arch, dtype).to(state.device)
+        floors = floor_times(pipe.unet, arch, precision=args.precision) if args.floor else {}
+        if floors and state.is_main_process:
+            print(json.dumps({"arch": arch, "floor": floors}), flush=True)
         for method in args.methods:
-            for gc in (False,) if args.no_gc_sweep else (False, True):
-                row = run_case(pipe, arch, method, gc, args.steps, args.rank, root, args.precision)
-                results.append(row)
-                if state.is_main_process:
-                    print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+            for rank in args.rank:
+                for gc in (False,) if args.no_gc_sweep else (False, True):
+                    for mode in args.step_modes:
+                        row = run_case(pipe, arch, method, gc, args.steps, rank, root, args.precision, mode)
+                        for name, sec in floors.items():
+                            if not gc and row["step_s"]:
+                                row[f"x_{name}"] = row["step_s"] / sec
+                        results.append(row)
+                        if state.is_main_process:
+                            print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
         del pipe
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if args.out and state.is_main_process:
