@@ -184,12 +184,13 @@ class TrainData:
 
     def collate(self, batch: list[tuple[int, bool]], device: torch.device) -> dict[str, torch.Tensor]:
         """Tensors of one micro-batch on `device`: latents, encoder_hidden_states and SDXL's added conditioning."""
-        lat = torch.stack([(self.flipped[i] if f else self.latents[i]) for i, f in batch])
-        idx = torch.tensor([self.caption_index[i] for i, _ in batch])
-        out = {"latents": lat.to(device, non_blocking=True), "text": self.text[idx].to(device, non_blocking=True)}
+        # stacks of rows already on the device: no host-to-device copy, which would wait for the GPU to drain
+        caps = [self.caption_index[i] for i, _ in batch]
+        out = {"latents": torch.stack([(self.flipped[i] if f else self.latents[i]) for i, f in batch]).to(device),
+               "text": torch.stack([self.text[j] for j in caps]).to(device)}
         if self.pooled is not None:
-            out["text_embeds"] = self.pooled[idx].to(device)
-            out["time_ids"] = self.time_ids[torch.tensor([i for i, _ in batch])].to(device)
+            out["text_embeds"] = torch.stack([self.pooled[j] for j in caps]).to(device)
+            out["time_ids"] = torch.stack([self.time_ids[i] for i, _ in batch]).to(device)
         return out
 
 
@@ -224,7 +225,7 @@ def build_cache(pipe, examples: list[Example], resolution: int, multiple: int, *
                 pixels, (top, left) = fit_image(image, chosen[i])
             time_ids.append([examples[i].height, examples[i].width, top, left, chosen[i][1], chosen[i][0]])
             x = pixels[None].to(device, vae_dtype)
-            latents[i] = _encode(vae, x)
+            latents[i] = _encode(vae, x)  # kept on the training device (a few MB for a style dataset)
             if flip:
                 flipped[i] = _encode(vae, x.flip(-1))
     if upcast:
@@ -233,11 +234,12 @@ def build_cache(pipe, examples: list[Example], resolution: int, multiple: int, *
     text, pooled = encode_captions(pipe, unique, device)
     where = {c: j for j, c in enumerate(unique)}
     return TrainData(examples, latents, flipped, [where[e.caption] for e in examples], text, pooled,
-                     torch.tensor(time_ids, dtype=torch.float32) if pooled is not None else None, chosen)
+                     torch.tensor(time_ids, dtype=torch.float32, device=device) if pooled is not None else None,
+                     chosen)
 
 
 def _encode(vae, x: torch.Tensor) -> torch.Tensor:
     dist = vae.encode(x).latent_dist
     lat = dist.mean
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((lat - shift) * vae.config.scaling_factor)[0].cpu()
+    return ((lat - shift) * vae.config.scaling_factor)[0].float()

@@ -21,8 +21,9 @@ _CKPT_RE = re.compile(r"^step-(\d+)$")
 
 
 # --- atomic writes ------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write through a temp file in the same folder, fsync, then os.replace: readers never see half a file."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
+    """Write through a temp file in the same folder, fsync (if durable), then os.replace: readers never see half
+    a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,7 +31,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -38,8 +40,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+def atomic_write_json(path: str | os.PathLike, obj: Any, durable: bool = True) -> Path:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), durable)
 
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
@@ -133,8 +135,10 @@ class RunFolder:
             return {"state": "unknown", "step": 0}
 
     def write_status(self, state: str, step: int, total_steps: int, **extra: Any) -> None:
+        """status.json; "running" updates skip the fsync (many per second would stall training on a slow disk)."""
         atomic_write_json(self.path / STATUS, {"state": state, "step": step, "total_steps": total_steps,
-                                               "pid": os.getpid(), "updated": time.time(), **extra})
+                                               "pid": os.getpid(), "updated": time.time(), **extra},
+                          durable=state != "running")
 
     def metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path / METRICS)
