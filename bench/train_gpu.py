@@ -128,6 +128,9 @@ def run_case(pipe, arch: str, method: str, gc: bool, steps: int, rank: int, root
             losses.append(e.loss)
         elif isinstance(e, ev.Started):
             modes.append(e.step_mode)
+            if cuda:  # peak memory of the training steps, not of caching the dataset
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
         elif isinstance(e, ev.Notice):
             notices.append(e.message)
 
@@ -149,7 +152,7 @@ def run_case(pipe, arch: str, method: str, gc: bool, steps: int, rank: int, root
 
 def floor_times(unet, arch: str, precision: str) -> dict[str, float]:
     """The frozen UNet's forward+backward at the case's shapes (no adapters), eager and as a CUDA graph, with the
-    trainer's autocast: the floor each trainer step is divided by."""
+    trainer's precision (autocast or not): the floor each trainer step is divided by."""
     import bench_speed
 
     _, batch, _ = CASES[arch]
@@ -158,7 +161,7 @@ def floor_times(unet, arch: str, precision: str) -> dict[str, float]:
     out = {}
     inputs = bench_speed.make_inputs(unet, "mini" if arch == "tiny" else arch, batch, device, dtype)
     for name, graphs in (("floor_eager", False), ("floor_graph", True)):
-        step = bench_speed.floor_step(unet, inputs, precision != "no", device, graphs)
+        step = bench_speed.floor_step(unet, inputs, precision in ("bf16_autocast", "fp16"), device, graphs)
         out[name], _ = bench_speed.time_steps(step, device, warmup=3, steps=10)
     unet.eval()
     return out
@@ -174,14 +177,15 @@ def main() -> None:
                    choices=("auto", "cuda_graph", "compile", "eager"))
     p.add_argument("--floor", action="store_true", help="also time the frozen UNet (eager and CUDA graph) and "
                    "report each case as x floor")
-    p.add_argument("--precision", default="bf16", choices=("no", "fp16", "bf16"))
+    p.add_argument("--precision", default="bf16", choices=("no", "fp16", "bf16", "bf16_autocast"))
     p.add_argument("--no-gc-sweep", action="store_true", help="only without gradient checkpointing")
     p.add_argument("--out", default=None, help="write all results as a JSON list here too")
     args = p.parse_args()
     from accelerate import PartialState
 
     state = PartialState()
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+             "bf16_autocast": torch.bfloat16}[args.precision]
     tag = [time.strftime("%Y%m%d-%H%M%S")]
     if state.num_processes > 1:  # every process trains into the same run folders
         from accelerate.utils import broadcast_object_list

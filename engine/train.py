@@ -19,7 +19,7 @@ from engine import data as data_mod
 from engine import events as ev
 from engine import models, runs, speed, step_graph
 from engine.adapters import inject
-from engine.train_config import PRECISIONS, TrainConfig
+from engine.train_config import AUTOCAST, PRECISIONS, TrainConfig
 
 __all__ = ["RunResult", "TrainConfig", "load_run_adapters", "resume_run", "train"]
 
@@ -68,7 +68,7 @@ class _Session:
 def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
     from diffusers import DDPMScheduler
 
-    acc = _accelerator(cfg.mixed_precision)
+    acc = _accelerator(AUTOCAST[cfg.mixed_precision])
     dtype = PRECISIONS[cfg.mixed_precision]
     pipe = pipeline.to(acc.device) if pipeline is not None else models.load_pipeline(cfg.base_model, acc.device, dtype)
     multiple = models.size_multiple(pipe)

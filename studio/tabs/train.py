@@ -29,7 +29,7 @@ def build(engine, demo: gr.Blocks) -> dict:
     run_dir = gr.State(None)  # the run this session watches
     seen = gr.State(())  # signature of the run files last drawn
     fields = engine.train_fields()
-    defaults = {**STUDIO_DEFAULTS, **({"mixed_precision": "fp16"} if engine.device == "cuda" else {})}
+    defaults = {**STUDIO_DEFAULTS, **({"mixed_precision": _gpu_precision()} if engine.device == "cuda" else {})}
     choices = engine.dataset_choices()
     first = next((v for _, v in choices if "style_" in v), choices[0][1] if choices else None)
     with gr.Row():
@@ -112,3 +112,10 @@ def build(engine, demo: gr.Blocks) -> dict:
 
     demo.load(attach, None, [run_dir, runs, seen])
     return {"refresh": (lambda current: keep(engine.dataset_choices(), current), [dataset])}
+
+
+def _gpu_precision() -> str:
+    """bf16 where the GPU has it (fast path: CUDA graphs), else fp16."""
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
