@@ -100,12 +100,16 @@ def floor_step(unet, inputs, autocast: bool, device: str, graphs: bool = False):
     return graphed(core, None) if graphs else core
 
 
-def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None, graphs: bool = False):
+def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None, graphs: bool = False,
+               clip: bool = False, rank_updates: bool = True):
+    """One training step: forward, loss (+ the method's terms), backward, AdamW (clip and zeroed gradients as in
+    the trainer when `clip`); `rank_updates` False skips LoRA²'s per-step rank update (an ablation)."""
     x, t, c, kw = inputs
     fused = device == "cuda"
     opt = torch.optim.AdamW(params, lr=1e-4, fused=fused, capturable=graphs) if fused else \
         torch.optim.AdamW(params, lr=1e-4)
     counter = [0]
+    flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else list(params)
 
     def core():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
@@ -116,15 +120,17 @@ def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None,
             if extra is not None:
                 loss = loss + extra
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(flat, 1.0)
         opt.step()
         if adapters is not None:
             adapters.refresh_shadows()
-        if not graphs:
-            opt.zero_grad(set_to_none=True)
+        if not graphs or clip:
+            opt.zero_grad(set_to_none=not graphs)
 
     def before():
-        if adapters is not None and adapters.before_step(counter[0], opt):  # LoRA² ranks: outside any graph
-            adapters.refresh_shadows()
+        if adapters is not None and rank_updates:
+            adapters.before_step(counter[0], opt)  # LoRA² rank update: host side, outside any graph
         counter[0] += 1
     if graphs:
         return graphed(core, before)
@@ -157,7 +163,8 @@ def graphed(core, before):
 
 
 def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, rank=16, method=None, mode="bf16",
-             checkpointing=False, fused=True, graphs=False, results=None, extra=None, op="chain"):
+             checkpointing=False, fused=True, graphs=False, results=None, extra=None, op="chain", clip=False,
+             rank_updates=True):
     from engine.adapters import fused as fused_module
 
     fused_module.FORWARD = op  # the fused op's form (see engine/adapters/fused.py); restored below
@@ -183,7 +190,8 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
         adapters = inject(unet, make_config(method, rank=rank, **extra))
         for layer in adapters.layers.values():
             layer.fused = fused
-        step = train_step(unet, inputs, adapters.param_groups(1e-4), autocast, device, adapters, graphs)
+        step = train_step(unet, inputs, adapters.param_groups(1e-4), autocast, device, adapters, graphs, clip,
+                          rank_updates)
     sec, peak = time_steps(step, device, warmup, steps)
     fused_module.FORWARD = "chain"
     row = {"name": name, "arch": arch, "batch": batch, "kind": kind, "method": method or kind, "rank": rank,
@@ -220,6 +228,22 @@ def svd_timings(arch, device, dtype, rank, results):
     row = {"name": f"{arch} svd r{rank}", "arch": arch, "kind": "svd", "rank": rank, "layers": len(ad.layers), **out}
     print(json.dumps(row), flush=True)
     results.append(row)
+
+
+def ablation() -> list[tuple[str, dict]]:
+    """Where LoRA²'s extra time goes (CUDA graphs, rank 16), and what the trainer's clip adds to our LoRA."""
+    g = dict(kind="ours", rank=16, graphs=True)
+    return [("floor bf16 graph", dict(kind="floor", graphs=True)),
+            ("lora r16 graph", dict(method="lora", **g)),
+            ("lora r16 graph + clip", dict(method="lora", clip=True, **g)),
+            ("tri_lora r16 graph", dict(method="tri_lora", **g)),
+            ("lora2 r16 graph", dict(method="lora2", **g)),
+            ("lora2 r16 graph, no entropy", dict(method="lora2", extra={"lambda_e": 0.0}, **g)),
+            ("lora2 r16 graph, no rank reg", dict(method="lora2", extra={"lambda_r": 0.0}, **g)),
+            ("lora2 r16 graph, no rank updates", dict(method="lora2", rank_updates=False, **g)),
+            ("lora2 r16 graph, max_rank 16", dict(method="lora2", extra={"max_rank": 16}, **g)),
+            ("lora2 r16 graph, none of these", dict(method="lora2", rank_updates=False,
+                                                    extra={"lambda_e": 0.0, "lambda_r": 0.0, "max_rank": 16}, **g))]
 
 
 def plan(arch: str, quick: bool, graphs: bool = False):
@@ -294,6 +318,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="rank 16 only, no checkpointing variants")
     ap.add_argument("--graphs", action="store_true", help="also time every case with the step captured in a CUDA graph")
     ap.add_argument("--only-graphs", action="store_true")
+    ap.add_argument("--ablation", action="store_true", help="only the LoRA² ablation cases (see ablation())")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     device = args.device
@@ -304,9 +329,11 @@ def main(argv=None) -> int:
     results: list[dict] = []
     for arch in archs:
         batch = {"sd15": 4, "sdxl": 1, "mini": 8}[arch]
-        cases = [] if args.only_graphs else plan(arch, args.quick or device == "cpu")
+        cases = [] if args.only_graphs or args.ablation else plan(arch, args.quick or device == "cpu")
         if (args.graphs or args.only_graphs) and device == "cuda":
             cases += plan(arch, args.quick, graphs=True)
+        if args.ablation:
+            cases = ablation()
         for name, kw in cases:
             if device == "cpu" and kw.get("mode") == "autocast":
                 continue
@@ -318,7 +345,7 @@ def main(argv=None) -> int:
                          results=results, **kw)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # report and go on with the other cases
                 print(json.dumps({"name": name, "arch": arch, "error": str(e)[:200]}), flush=True)
-        if device == "cuda" and arch in ("sdxl", "sd15"):
+        if device == "cuda" and arch in ("sdxl", "sd15") and not args.ablation:
             svd_timings(arch, device, dtype, 64, results)
     ratios(results)
     out = Path(args.out)

@@ -356,8 +356,6 @@ def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: t
         change = s.adapters.before_step(s.step, s.optimizer)
         if change and change.get("ranks"):
             log(ev.RankChange(s.step + 1, dict(change["ranks"])))
-        if change:  # factors moved outside the step: refresh the compute-dtype copies the next forward reads
-            s.adapters.refresh_shadows()
         factor = _lr_factor(cfg, s.step, s.total_steps)
         for group, base in zip(s.optimizer.param_groups, s.base_lrs):
             step_graph.set_lr(group, base * factor)

@@ -452,3 +452,19 @@ def test_lora2_batched_resize_zeroes_exactly_the_moved_slots():
     assert float(y_shrunk_part.abs().sum()) > 0  # so that the shrink really removed something
     assert torch.allclose(model[0](x), same.base(x) + x @ same.delta_weight().T, atol=1e-5)
     assert torch.isfinite(model(x)).all() and model(x).shape == y.shape
+
+
+def test_lora2_rank_change_refreshes_the_compute_copies_it_touched():
+    model = nn.Sequential(nn.Linear(20, 24), nn.Linear(24, 24)).to(torch.bfloat16)
+    ad = inject(model, make_config("lora2", rank=4, max_rank=12, targets="0,1", lambda_e=0.0))
+    x = torch.randn(8, 20, dtype=torch.bfloat16)
+    model(x).float().pow(2).mean().backward()  # makes the bf16 copies of A
+    grow = ad.layers["1"]
+    with torch.no_grad():
+        grow.rho.fill_(inverse_softplus(nu_for_rank(7, 0.9)))
+    assert ad.before_step(1) == {"ranks": {"1": 7}}
+    assert grow.lora_A[4:7].abs().sum() > 0
+    for layer in ad.layers.values():
+        key, down_c, _ = layer._shadow
+        assert torch.equal(down_c, layer.lora_A.detach().to(torch.bfloat16))
+        assert layer.compute_copies(layer.lora_A, None, torch.bfloat16)[0] is down_c  # seen as fresh: no re-cast

@@ -309,7 +309,10 @@ class AdapterSet:
         return [{"params": self.parameters(), "lr": lr, "weight_decay": weight_decay}]
 
     def before_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
-        """Called before each forward; LoRA² updates its ranks here. Returns an event dict or None."""
+        """Called before each forward; LoRA² updates its ranks here. Returns an event dict or None.
+
+        Whatever it changes in place (factors, masks, optimizer state) it leaves consistent, compute-dtype copies
+        included: a captured CUDA graph reads them next."""
         return None
 
     @torch.no_grad()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from engine.adapters.base import AdapterConfig, AdapterLayer, AdapterSet, opt
+from engine.adapters.base import AdapterConfig, AdapterLayer, AdapterSet, _versions, opt
 from engine.adapters.registry import Method, register
 
 
@@ -151,8 +151,17 @@ def resize_layers(layers: list[LoRA2Layer], ranks: list[int], optimizer: torch.o
     b = torch.stack([layer.lora_B for layer in layers]) * keep[:, None, :]
     targets = [t for layer in layers for t in (layer.active, layer.lora_A, layer.lora_B)]
     torch._foreach_copy_(targets, [t for row in zip(new.unbind(0), a.unbind(0), b.unbind(0)) for t in row])
+    shadows = []
     for layer, d in zip(layers, ranks, strict=True):
         layer._rank_cache = ((layer.active._version, layer.active.data_ptr()), int(min(max(d, 0), R)))
+        if layer._shadow is not None:  # the compute-dtype copy of A the next forward reads, refreshed in place
+            key, down_c, up_c = layer._shadow
+            layer._shadow = ((key[0], *_versions(layer.lora_A, None)), down_c, up_c)
+            shadows.append(down_c)
+    if shadows and len(shadows) == len(layers):
+        torch._foreach_copy_(shadows, list(a.unbind(0)))
+    elif shadows:
+        torch._foreach_copy_(shadows, [layer.lora_A.detach() for layer in layers if layer._shadow is not None])
     if optimizer is not None:
         _reset_slots(optimizer, [layer.lora_A for layer in layers], keep[:, :, None])
         _reset_slots(optimizer, [layer.lora_B for layer in layers], keep[:, None, :])
@@ -233,6 +242,8 @@ class LoRA2Set(AdapterSet):
         self._entropy_options = {"recompute": False}
         self._saved_processors: dict[str, object] = {}
         self._nu_targets: torch.Tensor | None = None
+        self._nus: tuple | None = None  # (softplus of every rho, grad mode) from the last model forward
+        self._ranks = [layer.native_rank() for layer in layers.values()]  # D per layer, on the host
         if config.lambda_e > 0:
             for name, module in model.named_modules():
                 if _plain_cross_attention(module):
@@ -245,8 +256,9 @@ class LoRA2Set(AdapterSet):
         layers = list(self.layers.values())
         if not layers:
             return
-        nus = F.softplus(torch.stack([layer.rho for layer in layers]))[:, None]  # (L, 1)
-        lam = importance(nus, self.config.max_rank) * torch.stack([layer.active for layer in layers])  # (L, R)
+        nus = F.softplus(torch.stack([layer.rho for layer in layers]))  # (L,)
+        self._nus = (nus, torch.is_grad_enabled())  # the rank regulariser reuses it: one gradient path into rho
+        lam = importance(nus[:, None], self.config.max_rank) * torch.stack([layer.active for layer in layers])
         if self.config.normalise:
             lam = lam / lam.sum(1, keepdim=True)
         for layer, row in zip(layers, lam.unbind(0), strict=True):
@@ -270,7 +282,8 @@ class LoRA2Set(AdapterSet):
             return None
         nus = F.softplus(torch.stack([layer.rho.detach() for layer in layers]))
         new = rank_from_nu(nus, self.config.q, self.config.max_rank).tolist()  # the one host sync
-        changed = {name: d for name, layer, d in zip(self.layers, layers, new, strict=True) if d != layer.native_rank()}
+        changed = {name: d for name, d, old in zip(self.layers, new, self._ranks, strict=True) if d != old}
+        self._ranks = new
         groups: dict[tuple, list[str]] = {}
         for name in changed:
             groups.setdefault((*self.layers[name].lora_A.shape, self.layers[name].out_features), []).append(name)
@@ -288,7 +301,9 @@ class LoRA2Set(AdapterSet):
         terms: dict[str, torch.Tensor] = {}
         total = None
         if c.lambda_r > 0 and layers:
-            nus = F.softplus(torch.stack([layer.rho for layer in layers]))
+            nus = self._nus[0] if self._nus is not None and self._nus[1] else \
+                F.softplus(torch.stack([layer.rho for layer in layers]))
+            self._nus = None
             if self._nu_targets is None or self._nu_targets.device != nus.device:  # made once: no copy per step
                 self._nu_targets = torch.tensor([layer.nu_target for layer in layers], device=nus.device,
                                                 dtype=nus.dtype)
@@ -309,7 +324,8 @@ class LoRA2Set(AdapterSet):
         self._saved_processors.clear()
 
     def after_load(self) -> None:
-        """The active mask is a buffer and was loaded with the tensors; nothing else is derived."""
+        """The active mask is a buffer and was loaded with the tensors; the host copy of the ranks follows it."""
+        self._ranks = [layer.native_rank() for layer in self.layers.values()]
 
     def continuous_ranks(self) -> dict[str, float]:
         return {n: layer.continuous_rank() for n, layer in self.layers.items()}
