@@ -63,6 +63,7 @@ class _Session:
     notice: str = ""  # why a requested mode fell back to eager (reported once the run has started)
     graphed: step_graph.GraphedStep | None = None  # the captured step (mode cuda_graph)
     compiled: speed.CompileState | None = None  # torch.compile state (mode compile), checked on the first step
+    ranks_seen: list[int] | None = None  # LoRA²: the per-layer ranks last logged (RankChange reports moves)
 
 
 def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
@@ -341,9 +342,11 @@ def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: t
     lag = 1 if s.acc.device.type == "cuda" else 0  # read losses one step late: the host never waits for the GPU
     if s.loss_sum is None:
         s.loss_sum = torch.zeros((), device=s.acc.device)
+    if s.adapters.ranks_move:
+        s.ranks_seen = list(s.adapters.native_ranks().values())
     while s.step < s.total_steps:
         if stop.is_set():
-            _flush(pending, log)
+            _flush(s, pending, log)
             path = _checkpoint(s, cfg, run, log)
             log(ev.Stopped(s.step, str(path)))
             run.write_status("stopped", s.step, s.total_steps)
@@ -353,18 +356,16 @@ def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: t
             batches, batches_epoch = s.data.epoch_batches(epoch, cfg.batch_size, cfg.seed, cfg.repeats), epoch
         chunk = batches[pos * per_step:(pos + 1) * per_step]
         micro = chunk[s.acc.process_index::s.acc.num_processes]
-        change = s.adapters.before_step(s.step, s.optimizer)
-        if change and change.get("ranks"):
-            log(ev.RankChange(s.step + 1, dict(change["ranks"])))
+        s.adapters.before_step(s.step, s.optimizer, sync=False)  # LoRA²'s ranks, read back when the step is logged
         factor = _lr_factor(cfg, s.step, s.total_steps)
         for group, base in zip(s.optimizer.param_groups, s.base_lrs):
             step_graph.set_lr(group, base * factor)
         loss, terms = _optimizer_step(s, cfg, micro, log)
         s.step += 1
         s.loss_sum, s.loss_count = s.loss_sum + loss, s.loss_count + 1
-        pending.append((s.step, epoch, loss, cfg.lr * factor, terms))
+        pending.append((s.step, epoch, loss, cfg.lr * factor, terms, s.adapters.device_ranks()))
         if s.step % cfg.log_every == 0:  # on a GPU all but this step, whose loss is still being computed
-            if _flush(pending, log, keep=lag) and log.main:
+            if _flush(s, pending, log, keep=lag) and log.main:
                 run.write_status("running", s.step - len(pending), s.total_steps)
         epoch_end = pos + 1 == s.steps_per_epoch
         if s.adapters.restart_due(epoch, s.total_epochs, s.step - 1, s.total_steps, epoch_end):
@@ -376,25 +377,34 @@ def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: t
         if cfg.rank_every and s.step % cfg.rank_every == 0 and s.step < s.total_steps:
             _log_ranks(s, cfg, log)
         if cfg.sample_every and cfg.sample_prompts and s.step % cfg.sample_every == 0 and s.step < s.total_steps:
-            _flush(pending, log)
+            _flush(s, pending, log)
             _samples(s, cfg, run, log)
         if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0 and s.step < s.total_steps:
-            _flush(pending, log)
+            _flush(s, pending, log)
             _checkpoint(s, cfg, run, log)
-    _flush(pending, log)
+    _flush(s, pending, log)
     return "finished"
 
 
-def _flush(pending: list, log: _Log, keep: int = 0) -> int:
-    """Move the pending losses but the newest `keep` to the host in one transfer and emit one Step event each.
+def _flush(s: _Session, pending: list, log: _Log, keep: int = 0) -> int:
+    """Move the pending losses (and LoRA²'s ranks) but the newest `keep` to the host in one transfer; emit a
+    RankChange where ranks moved and one Step event per step.
 
     Keeping the step just launched lets the GPU run it while the host reads the previous ones. Returns how many."""
     done = pending[:len(pending) - keep] if keep else list(pending)
     if not done:
         return 0
-    values = torch.stack([p[2] for p in done]).tolist()
-    for (step, epoch, _, lr, terms), loss in zip(done, values):
-        log(ev.Step(step, loss, lr, epoch, {k: float(v) for k, v in terms.items()}))
+    rows = torch.stack([p[2].float() for p in done])[:, None]
+    if done[0][5] is not None:
+        rows = torch.cat([rows, torch.stack([p[5] for p in done]).float()], 1)
+    for (step, epoch, _, lr, terms, ranks), row in zip(done, rows.tolist()):
+        if ranks is not None:
+            now = [int(r) for r in row[1:]]
+            moved = {n: r for n, r, o in zip(s.adapters.layers, now, s.ranks_seen, strict=True) if r != o}
+            if moved:
+                log(ev.RankChange(step, moved))
+            s.ranks_seen = now
+        log(ev.Step(step, row[0], lr, epoch, {k: float(v) for k, v in terms.items()}))
     del pending[:len(done)]
     return len(done)
 

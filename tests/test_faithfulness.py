@@ -468,3 +468,33 @@ def test_lora2_rank_change_refreshes_the_compute_copies_it_touched():
         key, down_c, _ = layer._shadow
         assert torch.equal(down_c, layer.lora_A.detach().to(torch.bfloat16))
         assert layer.compute_copies(layer.lora_A, None, torch.bfloat16)[0] is down_c  # seen as fresh: no re-cast
+
+
+def test_lora2_sync_free_rank_update_moves_the_same_slots():
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 24), nn.Linear(24, 24), nn.Linear(24, 24))
+        ad = inject(model, make_config("lora2", rank=4, max_rank=12, targets="0,1,2", lambda_e=0.0))
+        opt = torch.optim.AdamW(ad.param_groups(1e-2))
+        model(torch.randn(8, 20)).pow(2).mean().backward()
+        opt.step()
+        return ad, opt
+
+    (a, oa), (b, ob) = build(), build()
+    for target in ((7, 2, 4), (3, 9, 4), (3, 9, 12)):
+        for ad in (a, b):
+            with torch.no_grad():
+                for layer, r in zip(ad.layers.values(), target):
+                    layer.rho.fill_(inverse_softplus(nu_for_rank(r, 0.9)))
+        before = {n: layer.lora_A.detach().clone() for n, layer in b.layers.items()}
+        moved = a.before_step(0, oa)["ranks"]
+        assert b.before_step(0, ob, sync=False) is None
+        assert b.device_ranks().tolist() == list(target)
+        for name, la in a.layers.items():
+            lb = b.layers[name]
+            assert torch.equal(la.active, lb.active) and la.native_rank() == lb.native_rank() == int(la.active.sum())
+            assert torch.equal(la.lora_B, lb.lora_B)
+            for p, q in ((la.lora_A, lb.lora_A), (la.lora_B, lb.lora_B)):
+                assert torch.equal(oa.state[p]["exp_avg"] != 0, ob.state[q]["exp_avg"] != 0)
+            if name not in moved:  # the masked update leaves a layer whose D did not move bit-identical
+                assert torch.equal(lb.lora_A, before[name]), name

@@ -274,6 +274,23 @@ def test_step_modes_on_cpu_run_eagerly_and_say_why(model, dataset, tmp_path):
         config(model, dataset, tmp_path / "x", step_mode="warp")
 
 
+def test_lora2_rank_changes_are_logged_at_their_steps_without_host_reads(model, dataset, tmp_path):
+    cfg = config(model, dataset, tmp_path / "run", method="lora2", steps=8, rank_every=0,
+                 method_settings={"max_rank": 12, "rho_lr": 0.2, "lambda_e": 0.0})
+    events = []
+    train(cfg, emit=events.append)
+    changes = [e for e in events if isinstance(e, ev.RankChange)]
+    assert changes and all(1 <= c.step <= 8 for c in changes)
+    ranks = {n: cfg.rank for n in changes[0].ranks}  # every layer starts at the target rank
+    ranks.update({n: cfg.rank for c in changes for n in c.ranks if n not in ranks})
+    for c in changes:
+        ranks.update(c.ranks)
+    final = [r for r in RunFolder(tmp_path / "run").ranks() if r["type"] == "ranks"][-1]["native"]
+    assert all(final[n] == r for n, r in ranks.items())
+    order = [(type(e).__name__, e.step) for e in events if isinstance(e, (ev.RankChange, ev.Step))]
+    assert order.index(("RankChange", changes[0].step)) < order.index(("Step", changes[0].step))
+
+
 def test_compile_failure_falls_back_to_eager_with_the_same_losses(model, dataset, tmp_path, monkeypatch):
     from engine import speed
 

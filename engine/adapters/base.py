@@ -269,6 +269,7 @@ class AdapterSet:
     method: ClassVar[str] = "base"
 
     folds_vectors: ClassVar[bool] = False  # TriLoRA, LoRA²: a per-rank vector between the factors
+    ranks_move: ClassVar[bool] = False  # LoRA²: native ranks change every step (device_ranks() tracks them)
 
     def __init__(self, model: nn.Module, config: AdapterConfig, layers: dict[str, AdapterLayer]):
         self.model = model
@@ -308,11 +309,15 @@ class AdapterSet:
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
         return [{"params": self.parameters(), "lr": lr, "weight_decay": weight_decay}]
 
-    def before_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
+    def before_step(self, step: int, optimizer: torch.optim.Optimizer | None = None, sync: bool = True) -> dict | None:
         """Called before each forward; LoRA² updates its ranks here. Returns an event dict or None.
 
         Whatever it changes in place (factors, masks, optimizer state) it leaves consistent, compute-dtype copies
         included: a captured CUDA graph reads them next."""
+        return None
+
+    def device_ranks(self) -> torch.Tensor | None:
+        """Per-layer native ranks on the device when the method moves them every step (LoRA²), else None."""
         return None
 
     @torch.no_grad()

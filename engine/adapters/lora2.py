@@ -132,13 +132,17 @@ class LoRA2Layer(AdapterLayer):
 
 
 @torch.no_grad()
-def resize_layers(layers: list[LoRA2Layer], ranks: list[int], optimizer: torch.optim.Optimizer | None = None) -> None:
+def resize_layers(layers: list[LoRA2Layer], ranks: list[int] | torch.Tensor,
+                  optimizer: torch.optim.Optimizer | None = None) -> None:
     """Set the active rank of same-shape layers in a few batched ops, with no host sync: new A rows drawn with the
     init rule (from the new mask), B columns of new slots zero (output unchanged), dropped slots zeroed, and the
-    optimizer moments of every slot that appeared or disappeared zeroed. All writes are in place."""
+    optimizer moments of every slot that appeared or disappeared zeroed. All writes are in place. `ranks`: host
+    ints, or a device tensor (n,) that is never read on the host (layers whose D did not move are left as they
+    are by the masks)."""
     first = layers[0]
     c, dev, R = first.config, first.active.device, first.config.max_rank
-    new = torch.arange(R, device=dev) < torch.tensor(ranks, device=dev)[:, None]  # (n, R)
+    on_host = not torch.is_tensor(ranks)
+    new = torch.arange(R, device=dev) < torch.as_tensor(ranks, device=dev)[:, None]  # (n, R)
     old = torch.stack([layer.active for layer in layers])
     grown, keep = new & ~old, ~(new ^ old)
     lam = importance(F.softplus(torch.stack([layer.rho for layer in layers]))[:, None], R) * new
@@ -152,8 +156,9 @@ def resize_layers(layers: list[LoRA2Layer], ranks: list[int], optimizer: torch.o
     targets = [t for layer in layers for t in (layer.active, layer.lora_A, layer.lora_B)]
     torch._foreach_copy_(targets, [t for row in zip(new.unbind(0), a.unbind(0), b.unbind(0)) for t in row])
     shadows = []
-    for layer, d in zip(layers, ranks, strict=True):
-        layer._rank_cache = ((layer.active._version, layer.active.data_ptr()), int(min(max(d, 0), R)))
+    for i, layer in enumerate(layers):
+        if on_host:
+            layer._rank_cache = ((layer.active._version, layer.active.data_ptr()), int(min(max(ranks[i], 0), R)))
         if layer._shadow is not None:  # the compute-dtype copy of A the next forward reads, refreshed in place
             key, down_c, up_c = layer._shadow
             layer._shadow = ((key[0], *_versions(layer.lora_A, None)), down_c, up_c)
@@ -235,6 +240,7 @@ def _plain_cross_attention(module: nn.Module) -> bool:
 class LoRA2Set(AdapterSet):
     method = "lora2"
     folds_vectors = True
+    ranks_move = True
 
     def __init__(self, model, config: LoRA2Config, layers):
         super().__init__(model, config, layers)
@@ -243,7 +249,9 @@ class LoRA2Set(AdapterSet):
         self._saved_processors: dict[str, object] = {}
         self._nu_targets: torch.Tensor | None = None
         self._nus: tuple | None = None  # (softplus of every rho, grad mode) from the last model forward
-        self._ranks = [layer.native_rank() for layer in layers.values()]  # D per layer, on the host
+        self._ranks: list[int] | None = [layer.native_rank() for layer in layers.values()]  # host D (sync mode)
+        self._device_ranks: torch.Tensor | None = None
+        self._groups: tuple | None = None
         if config.lambda_e > 0:
             for name, module in model.named_modules():
                 if _plain_cross_attention(module):
@@ -274,15 +282,28 @@ class LoRA2Set(AdapterSet):
                 {"params": rhos, "lr": self.config.rho_lr, "weight_decay": 0.0}]
 
     @torch.no_grad()
-    def before_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
-        """Recompute D for every layer (one host sync for all) and resize the layers whose D changed."""
+    def before_step(self, step: int, optimizer: torch.optim.Optimizer | None = None, sync: bool = True) -> dict | None:
+        """Recompute D for every layer and resize the layers whose D moved.
+
+        sync (tests, lone use): one host read of all D, only the moved layers touched, returns {"ranks": moved}.
+        sync=False (the trainer): no host read at all; every layer goes through the masked resize (a no-op where
+        D did not move) and device_ranks() holds the D of this step, which the trainer reads when it logs.
+        """
         self.reset_step()  # drop entries a gradient-checkpointing recompute appended during the last backward
         layers = list(self.layers.values())
         if not layers:
             return None
         nus = F.softplus(torch.stack([layer.rho.detach() for layer in layers]))
-        new = rank_from_nu(nus, self.config.q, self.config.max_rank).tolist()  # the one host sync
-        changed = {name: d for name, d, old in zip(self.layers, new, self._ranks, strict=True) if d != old}
+        ranks = rank_from_nu(nus, self.config.q, self.config.max_rank)
+        self._device_ranks = ranks
+        if not sync:
+            self._ranks = None
+            for idx, group in self._shape_groups(ranks.device):
+                resize_layers(group, ranks[idx], optimizer)
+            return None
+        new = ranks.tolist()  # the one host sync
+        old = self._ranks if self._ranks is not None else [layer.native_rank() for layer in layers]
+        changed = {name: d for name, d, o in zip(self.layers, new, old, strict=True) if d != o}
         self._ranks = new
         groups: dict[tuple, list[str]] = {}
         for name in changed:
@@ -290,6 +311,21 @@ class LoRA2Set(AdapterSet):
         for names in groups.values():  # batched per shape: a rank change costs a few kernels, not a few per layer
             resize_layers([self.layers[n] for n in names], [changed[n] for n in names], optimizer)
         return {"ranks": changed} if changed else None
+
+    def _shape_groups(self, device: torch.device) -> list[tuple[torch.Tensor, list[LoRA2Layer]]]:
+        """Layers grouped by (R, k, d), with their positions as a device index tensor (made once per device)."""
+        if self._groups is None or self._groups[0] != device:
+            groups: dict[tuple, list[int]] = {}
+            layers = list(self.layers.values())
+            for i, layer in enumerate(layers):
+                groups.setdefault((*layer.lora_A.shape, layer.out_features), []).append(i)
+            self._groups = (device, [(torch.tensor(ix, device=device), [layers[i] for i in ix])
+                                     for ix in groups.values()])
+        return self._groups[1]
+
+    def device_ranks(self) -> torch.Tensor | None:
+        """D of every layer (in layer order) as set by the last before_step, on the device (not read here)."""
+        return self._device_ranks
 
     def reset_step(self) -> None:
         self._entropies.clear()
