@@ -192,7 +192,7 @@ def token_entropy(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     A text-side attention mask adds one constant per token and so does not change these maps.
     """
     n = q.shape[-2]
-    logp = ((k @ q.transpose(-1, -2)) * scale).float().log_softmax(-1)
+    logp = ((k * scale) @ q.transpose(-1, -2)).log_softmax(-1, dtype=torch.float32)  # scale on the small side
     return -(logp.exp() * logp).sum(-1).mean() / math.log(max(n, 2))
 
 
