@@ -101,7 +101,7 @@ def floor_step(unet, inputs, autocast: bool, device: str, graphs: bool = False):
 
 
 def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None, graphs: bool = False,
-               clip: bool = False, rank_updates: bool = True):
+               clip: bool = False, rank_updates: bool | str = True):
     """One training step: forward, loss (+ the method's terms), backward, AdamW (clip and zeroed gradients as in
     the trainer when `clip`); `rank_updates` False skips LoRA²'s per-step rank update (an ablation)."""
     x, t, c, kw = inputs
@@ -129,8 +129,8 @@ def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None,
             opt.zero_grad(set_to_none=not graphs)
 
     def before():
-        if adapters is not None and rank_updates:
-            adapters.before_step(counter[0], opt)  # LoRA² rank update: host side, outside any graph
+        if adapters is not None and rank_updates:  # LoRA² rank update: outside any graph
+            adapters.before_step(counter[0], opt, sync=rank_updates != "sync-free")
         counter[0] += 1
     if graphs:
         return graphed(core, before)
@@ -164,7 +164,7 @@ def graphed(core, before):
 
 def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, rank=16, method=None, mode="bf16",
              checkpointing=False, fused=True, graphs=False, results=None, extra=None, op="chain", clip=False,
-             rank_updates=True):
+             rank_updates: bool | str = True):
     from engine.adapters import fused as fused_module
 
     fused_module.FORWARD = op  # the fused op's form (see engine/adapters/fused.py); restored below
@@ -241,6 +241,7 @@ def ablation() -> list[tuple[str, dict]]:
             ("lora2 r16 graph, no entropy", dict(method="lora2", extra={"lambda_e": 0.0}, **g)),
             ("lora2 r16 graph, no rank reg", dict(method="lora2", extra={"lambda_r": 0.0}, **g)),
             ("lora2 r16 graph, no rank updates", dict(method="lora2", rank_updates=False, **g)),
+            ("lora2 r16 graph, sync-free rank updates", dict(method="lora2", rank_updates="sync-free", **g)),
             ("lora2 r16 graph, max_rank 16", dict(method="lora2", extra={"max_rank": 16}, **g)),
             ("lora2 r16 graph, none of these", dict(method="lora2", rank_updates=False,
                                                     extra={"lambda_e": 0.0, "lambda_r": 0.0, "max_rank": 16}, **g))]

@@ -153,8 +153,10 @@ def resize_layers(layers: list[LoRA2Layer], ranks: list[int] | torch.Tensor,
     fresh = torch.randn(a.shape, device=dev) * std[:, None, None]
     a = torch.where(grown[:, :, None], fresh.to(a.dtype), a * keep[:, :, None])
     b = torch.stack([layer.lora_B for layer in layers]) * keep[:, None, :]
-    targets = [t for layer in layers for t in (layer.active, layer.lora_A, layer.lora_B)]
-    torch._foreach_copy_(targets, [t for row in zip(new.unbind(0), a.unbind(0), b.unbind(0)) for t in row])
+    # one foreach copy per dtype: a list that mixes bool and float takes the slow path (a memcpy per tensor)
+    torch._foreach_copy_([layer.active.view(torch.uint8) for layer in layers], list(new.view(torch.uint8).unbind(0)))
+    torch._foreach_copy_([layer.lora_A for layer in layers] + [layer.lora_B for layer in layers],
+                         list(a.unbind(0)) + list(b.unbind(0)))
     shadows = []
     for i, layer in enumerate(layers):
         if on_host:
