@@ -72,12 +72,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step, device: str, warmup: int, steps: int) -> tuple[float, float]:
-    """Median seconds per step after warm-up, and peak memory in GiB (CUDA only)."""
+def time_steps(step, device: str, warmup: int, steps: int, reset_peak: bool = True) -> tuple[float, float]:
+    """Median seconds per step after warm-up, and peak memory in GiB (CUDA only; reset after the warm-up unless
+    `reset_peak` is False: a replayed CUDA graph allocates nothing, its peak was reached when it was captured)."""
     for _ in range(warmup):
         step()
     sync(device)
-    if device == "cuda":
+    if device == "cuda" and reset_peak:
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
@@ -175,6 +176,9 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
     inputs = make_inputs(unet, arch, batch, device, dtype)
     autocast = mode == "autocast"
     adapters = None
+    if device == "cuda":  # graphs are captured while the step is built: count their warm-up and capture
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
     if kind == "floor":
         step = floor_step(unet, inputs, autocast, device, graphs)
     elif kind == "peft":
@@ -192,7 +196,7 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
             layer.fused = fused
         step = train_step(unet, inputs, adapters.param_groups(1e-4), autocast, device, adapters, graphs, clip,
                           rank_updates)
-    sec, peak = time_steps(step, device, warmup, steps)
+    sec, peak = time_steps(step, device, warmup, steps, reset_peak=not graphs)
     fused_module.FORWARD = "chain"
     row = {"name": name, "arch": arch, "batch": batch, "kind": kind, "method": method or kind, "rank": rank,
            "mode": mode + (" graph" if graphs else ""), "checkpointing": checkpointing, "fused": fused,

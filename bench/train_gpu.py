@@ -162,7 +162,7 @@ def floor_times(unet, arch: str, precision: str) -> dict[str, float]:
     inputs = bench_speed.make_inputs(unet, "mini" if arch == "tiny" else arch, batch, device, dtype)
     for name, graphs in (("floor_eager", False), ("floor_graph", True)):
         step = bench_speed.floor_step(unet, inputs, precision in ("bf16_autocast", "fp16"), device, graphs)
-        out[name], _ = bench_speed.time_steps(step, device, warmup=3, steps=10)
+        out[name], _ = bench_speed.time_steps(step, device, warmup=3, steps=10, reset_peak=False)
     unet.eval()
     return out
 
