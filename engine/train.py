@@ -336,7 +336,7 @@ def resume_run(run_dir: str | os.PathLike, emit: Emit | None = None, stop: threa
 
 def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: threading.Event) -> str:
     """The training loop: one optimizer step per iteration, hooks at their times, logging, samples, checkpoints."""
-    pending: list[tuple[int, int, torch.Tensor, float, dict]] = []
+    pending: list[tuple] = []  # (step, epoch, lr, term names, values being copied to the host, event, ranks?)
     batches, batches_epoch = [], -1
     per_step = cfg.grad_accum * s.acc.num_processes
     lag = 1 if s.acc.device.type == "cuda" else 0  # read losses one step late: the host never waits for the GPU
@@ -363,7 +363,8 @@ def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: t
         loss, terms = _optimizer_step(s, cfg, micro, log)
         s.step += 1
         s.loss_sum, s.loss_count = s.loss_sum + loss, s.loss_count + 1
-        pending.append((s.step, epoch, loss, cfg.lr * factor, terms, s.adapters.device_ranks()))
+        ranks = s.adapters.device_ranks()
+        pending.append((s.step, epoch, cfg.lr * factor, list(terms), *_to_host(loss, terms, ranks), ranks is not None))
         if s.step % cfg.log_every == 0:  # on a GPU all but this step, whose loss is still being computed
             if _flush(s, pending, log, keep=lag) and log.main:
                 run.write_status("running", s.step - len(pending), s.total_steps)
@@ -386,25 +387,39 @@ def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: t
     return "finished"
 
 
+def _to_host(loss: torch.Tensor, terms: dict, ranks: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+    """One step's loss, terms and ranks packed in one tensor whose copy to the host starts now. On a GPU: into
+    pinned memory with an event, so that reading it later waits for this step only, not for the steps queued
+    after it (a plain .tolist() would wait for the whole stream)."""
+    parts = [loss.detach().float().reshape(1)] + [v.detach().float().reshape(1) for v in terms.values()]
+    if ranks is not None:
+        parts.append(ranks.float())
+    flat = torch.cat(parts)
+    if not flat.is_cuda:
+        return flat, None
+    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+    host.copy_(flat, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 def _flush(s: _Session, pending: list, log: _Log, keep: int = 0) -> int:
-    """Move the pending losses (and LoRA²'s ranks) but the newest `keep` to the host in one transfer; emit a
-    RankChange where ranks moved and one Step event per step.
+    """Emit the pending steps but the newest `keep`: a RankChange where LoRA²'s ranks moved, and a Step event.
 
     Keeping the step just launched lets the GPU run it while the host reads the previous ones. Returns how many."""
     done = pending[:len(pending) - keep] if keep else list(pending)
-    if not done:
-        return 0
-    rows = torch.stack([p[2].float() for p in done])[:, None]
-    if done[0][5] is not None:
-        rows = torch.cat([rows, torch.stack([p[5] for p in done]).float()], 1)
-    for (step, epoch, _, lr, terms, ranks), row in zip(done, rows.tolist()):
-        if ranks is not None:
-            now = [int(r) for r in row[1:]]
+    for step, epoch, lr, names, values, event, has_ranks in done:
+        if event is not None:
+            event.synchronize()
+        row = values.tolist()
+        if has_ranks:
+            now = [int(r) for r in row[1 + len(names):]]
             moved = {n: r for n, r, o in zip(s.adapters.layers, now, s.ranks_seen, strict=True) if r != o}
             if moved:
                 log(ev.RankChange(step, moved))
             s.ranks_seen = now
-        log(ev.Step(step, row[0], lr, epoch, {k: float(v) for k, v in terms.items()}))
+        log(ev.Step(step, row[0], lr, epoch, dict(zip(names, row[1:1 + len(names)]))))
     del pending[:len(done)]
     return len(done)
 
