@@ -98,8 +98,10 @@ def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
     if compiled is not None and not compiled.enabled:
         mode, notice = "eager", compiled.reason
     groups = adapters.param_groups(cfg.lr, cfg.weight_decay)
-    cuda = acc.device.type == "cuda"  # fused AdamW: one kernel for all tensors; capturable: graph-safe state
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, **({"fused": True, "capturable": True} if cuda else {}))
+    # fused AdamW: one kernel for all tensors; capturable: state a CUDA graph can step (fp16 keeps the plain one,
+    # which accelerate's loss scaler has always driven)
+    fused = acc.device.type == "cuda" and cfg.mixed_precision != "fp16"
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, **({"fused": True, "capturable": True} if fused else {}))
     unet, optimizer = acc.prepare(pipe.unet, optimizer)
     gen = torch.Generator(acc.device).manual_seed(cfg.seed * 1009 + acc.process_index)
     noise = DDPMScheduler.from_config(pipe.scheduler.config)

@@ -244,9 +244,12 @@ class Engine(MediaMixin):
 
         def emit(event) -> None:
             if isinstance(event, ev.Started):
-                job.info.update(step0=event.step, step=event.step, total=event.total_steps, t0=time.time())
+                job.info.update(step0=event.step, step=event.step, total=event.total_steps, t0=time.time(),
+                                mode=event.step_mode.replace("_", " "))
             elif isinstance(event, ev.Step):
                 job.info["step"] = event.step
+            elif isinstance(event, ev.Notice):
+                job.info["notice"] = event.message
 
         _reset_accelerate()
         job.report("loading the base model")
@@ -289,6 +292,8 @@ class Engine(MediaMixin):
             line = f"queued · position {self.jobs.position(job)} in the queue"
         elif job.state == "running":
             line = "running · " + (eta_text(job.info, "running") if job.info.get("total") else job.message)
+            if job.info.get("notice") or job.info.get("mode", "eager") != "eager":  # the fast path, or why not
+                line += f" · steps: {job.info['mode']}" + (f" ({job.info['notice']})" if job.info.get("notice") else "")
         elif job.state == "failed":
             line = f"failed: {job.error}"
         else:

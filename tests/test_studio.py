@@ -267,3 +267,31 @@ def test_resume_and_stop_explain_what_cannot_be_done(engine):
     with pytest.raises(ValueError, match="outside"):
         engine.resume_training("/etc")
     assert engine.active_run() == str(run.path)  # nothing running: a fresh page shows the newest run
+
+
+def test_run_line_says_how_steps_run_and_why_not_faster(engine, tmp_path):
+    from engine import runs
+
+    run = runs.RunFolder(tmp_path / "graphrun").create()
+    runs.atomic_write_json(run / runs.CONFIG, {"method": "lora"})
+    run.write_status("running", 1, 10)
+    release, started = threading.Event(), threading.Event()
+
+    def work(job):
+        job.info.update(step0=0, step=1, total=10, t0=time.time(), mode="eager",
+                        notice="CUDA graphs need a CUDA GPU (training runs on cpu)")
+        started.set()
+        release.wait(10)
+
+    job = engine.jobs.submit("train", "graphrun", work, str(run.path))
+    try:
+        assert started.wait(10)
+        _, line = engine.run_view(str(run.path))
+        assert "steps: eager (CUDA graphs need a CUDA GPU (training runs on cpu))" in line
+        job.info.pop("notice")
+        job.info["mode"] = "cuda graph"
+        assert "steps: cuda graph" in engine.run_view(str(run.path))[1]
+        job.info["mode"] = "eager"
+        assert "steps:" not in engine.run_view(str(run.path))[1]  # plain eager on a CPU: nothing to say
+    finally:
+        release.set()
