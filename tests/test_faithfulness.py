@@ -498,3 +498,17 @@ def test_lora2_sync_free_rank_update_moves_the_same_slots():
                 assert torch.equal(oa.state[p]["exp_avg"] != 0, ob.state[q]["exp_avg"] != 0)
             if name not in moved:  # the masked update leaves a layer whose D did not move bit-identical
                 assert torch.equal(lb.lora_A, before[name]), name
+
+
+def test_tri_lora_batched_native_ranks_equal_each_layers_own():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 24), nn.Linear(24, 24), nn.Linear(24, 24), nn.Linear(24, 16))
+    ad = inject(model, make_config("tri_lora", rank=6, targets="0,1,2,3"))
+    assert set(ad.native_ranks().values()) == {0}  # V^T starts at zero: no update yet
+    with torch.no_grad():
+        for i, layer in enumerate(ad.layers.values()):
+            layer.tri_Vt.normal_()
+            layer.tri_sigma[: i + 1] *= 1e-4  # i + 1 tiny components in layer i
+    batched = ad.native_ranks()
+    assert batched == {n: layer.native_rank() for n, layer in ad.layers.items()}
+    assert list(batched.values()) == [5, 4, 3, 2]

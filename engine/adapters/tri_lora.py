@@ -51,18 +51,42 @@ class TriLoRALayer(AdapterLayer):
     @torch.no_grad()
     def native_rank(self) -> int:
         """Components with |sigma_i| ||U_i|| ||V_i|| above 1% of the largest (0 while the update is zero)."""
-        w = self.tri_sigma.abs() * self.tri_U.norm(dim=0) * self.tri_Vt.norm(dim=1)
-        top = float(w.max())
-        return 0 if top == 0 else int((w > 0.01 * top).sum())
+        return int(component_counts(self.tri_sigma[None], self.tri_U[None], self.tri_Vt[None])[0])
 
 
     def export_rank(self) -> int:
         return self.config.rank  # every component; prune with tau to drop the small ones
 
 
+def component_counts(sigma: torch.Tensor, U: torch.Tensor, Vt: torch.Tensor) -> torch.Tensor:
+    """Per layer of a batch (sigma (n, R), U (n, d, R), Vt (n, R, k)): how many components have
+    |sigma_i| ||U_i|| ||V_i|| above 1% of the layer's largest (0 while the update is zero)."""
+    w = sigma.abs() * U.norm(dim=1) * Vt.norm(dim=2)  # (n, R)
+    top = w.amax(1, keepdim=True)
+    return ((w > 0.01 * top) & (top > 0)).sum(1)
+
+
 class TriLoRASet(AdapterSet):
     method = "tri_lora"
     folds_vectors = True
+
+    @torch.no_grad()
+    def native_ranks(self) -> dict[str, int]:
+        """Every layer's native rank in a few batched ops per shape group and one host read (not one per layer)."""
+        groups: dict[tuple, list[str]] = {}
+        for name, layer in self.layers.items():
+            groups.setdefault((tuple(layer.tri_U.shape), tuple(layer.tri_Vt.shape)), []).append(name)
+        names, counts = [], []
+        for group in groups.values():
+            layers = [self.layers[n] for n in group]
+            counts.append(component_counts(torch.stack([la.tri_sigma for la in layers]),
+                                           torch.stack([la.tri_U for la in layers]),
+                                           torch.stack([la.tri_Vt for la in layers])))
+            names += group
+        if not names:
+            return {}
+        found = dict(zip(names, torch.cat(counts).tolist(), strict=True))
+        return {name: int(found[name]) for name in self.layers}
 
 
 METHOD = register(Method("tri_lora", "TriLoRA", TriLoRAConfig, TriLoRALayer, TriLoRASet,
