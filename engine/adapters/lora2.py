@@ -325,6 +325,14 @@ class LoRA2Set(AdapterSet):
                                      for ix in groups.values()])
         return self._groups[1]
 
+    @torch.no_grad()
+    def native_ranks(self) -> dict[str, int]:
+        """D of every layer with one host read (each layer's own cache is stale after a sync-free update)."""
+        if not self.layers:
+            return {}
+        counts = torch.stack([layer.active for layer in self.layers.values()]).sum(1).tolist()
+        return dict(zip(self.layers, map(int, counts), strict=True))
+
     def device_ranks(self) -> torch.Tensor | None:
         """D of every layer (in layer order) as set by the last before_step, on the device (not read here)."""
         return self._device_ranks
