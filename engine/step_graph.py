@@ -76,11 +76,6 @@ class GraphedStep:
         self._pool: Any = None
         self._stream = torch.cuda.Stream()
 
-    @property
-    def captured(self) -> int:
-        """Graphs captured so far (forward+backward shapes and the update)."""
-        return len(self._graphs) + (self._update_graph is not None)
-
     def _eager(self, fn: Callable, *args):
         """Warm-up calls run on a side stream, as capture does (the autograd engine and cuBLAS set up per stream)."""
         self._stream.wait_stream(torch.cuda.current_stream())

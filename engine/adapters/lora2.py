@@ -157,18 +157,17 @@ def resize_layers(layers: list[LoRA2Layer], ranks: list[int] | torch.Tensor,
     torch._foreach_copy_([layer.active.view(torch.uint8) for layer in layers], list(new.view(torch.uint8).unbind(0)))
     torch._foreach_copy_([layer.lora_A for layer in layers] + [layer.lora_B for layer in layers],
                          list(a.unbind(0)) + list(b.unbind(0)))
-    shadows = []
-    for i, layer in enumerate(layers):
+    shadows, rows = [], []
+    for i, (layer, row) in enumerate(zip(layers, a.unbind(0), strict=True)):
         if on_host:
             layer._rank_cache = ((layer.active._version, layer.active.data_ptr()), int(min(max(ranks[i], 0), R)))
         if layer._shadow is not None:  # the compute-dtype copy of A the next forward reads, refreshed in place
             key, down_c, up_c = layer._shadow
             layer._shadow = ((key[0], *_versions(layer.lora_A, None)), down_c, up_c)
             shadows.append(down_c)
-    if shadows and len(shadows) == len(layers):
-        torch._foreach_copy_(shadows, list(a.unbind(0)))
-    elif shadows:
-        torch._foreach_copy_(shadows, [layer.lora_A.detach() for layer in layers if layer._shadow is not None])
+            rows.append(row)
+    if shadows:
+        torch._foreach_copy_(shadows, rows)
     if optimizer is not None:
         _reset_slots(optimizer, [layer.lora_A for layer in layers], keep[:, :, None])
         _reset_slots(optimizer, [layer.lora_B for layer in layers], keep[:, None, :])
@@ -251,7 +250,6 @@ class LoRA2Set(AdapterSet):
         self._saved_processors: dict[str, object] = {}
         self._nu_targets: torch.Tensor | None = None
         self._nus: tuple | None = None  # (softplus of every rho, grad mode) from the last model forward
-        self._ranks: list[int] | None = [layer.native_rank() for layer in layers.values()]  # host D (sync mode)
         self._device_ranks: torch.Tensor | None = None
         self._groups: tuple | None = None
         if config.lambda_e > 0:
@@ -298,30 +296,28 @@ class LoRA2Set(AdapterSet):
         nus = F.softplus(torch.stack([layer.rho.detach() for layer in layers]))
         ranks = rank_from_nu(nus, self.config.q, self.config.max_rank)
         self._device_ranks = ranks
+        groups = self._shape_groups(ranks.device)
         if not sync:
-            self._ranks = None
-            for idx, group in self._shape_groups(ranks.device):
+            for _, idx, group in groups:
                 resize_layers(group, ranks[idx], optimizer)
             return None
-        new = ranks.tolist()  # the one host sync
-        old = self._ranks if self._ranks is not None else [layer.native_rank() for layer in layers]
+        held = torch.stack([layer.active for layer in layers]).sum(1)
+        new, old = torch.stack([ranks, held]).tolist()  # the one host sync
+        for positions, _, group in groups:  # batched per shape: a few kernels per moved group, not per layer
+            moved = [(layer, new[i]) for i, layer in zip(positions, group, strict=True) if new[i] != old[i]]
+            if moved:
+                resize_layers([layer for layer, _ in moved], [d for _, d in moved], optimizer)
         changed = {name: d for name, d, o in zip(self.layers, new, old, strict=True) if d != o}
-        self._ranks = new
-        groups: dict[tuple, list[str]] = {}
-        for name in changed:
-            groups.setdefault((*self.layers[name].lora_A.shape, self.layers[name].out_features), []).append(name)
-        for names in groups.values():  # batched per shape: a rank change costs a few kernels, not a few per layer
-            resize_layers([self.layers[n] for n in names], [changed[n] for n in names], optimizer)
         return {"ranks": changed} if changed else None
 
-    def _shape_groups(self, device: torch.device) -> list[tuple[torch.Tensor, list[LoRA2Layer]]]:
-        """Layers grouped by (R, k, d), with their positions as a device index tensor (made once per device)."""
+    def _shape_groups(self, device: torch.device) -> list[tuple[list[int], torch.Tensor, list[LoRA2Layer]]]:
+        """Layers grouped by (R, k, d): their positions (host list and device index tensor, made once per device)."""
         if self._groups is None or self._groups[0] != device:
             groups: dict[tuple, list[int]] = {}
             layers = list(self.layers.values())
             for i, layer in enumerate(layers):
                 groups.setdefault((*layer.lora_A.shape, layer.out_features), []).append(i)
-            self._groups = (device, [(torch.tensor(ix, device=device), [layers[i] for i in ix])
+            self._groups = (device, [(ix, torch.tensor(ix, device=device), [layers[i] for i in ix])
                                      for ix in groups.values()])
         return self._groups[1]
 
@@ -370,8 +366,7 @@ class LoRA2Set(AdapterSet):
         self._saved_processors.clear()
 
     def after_load(self) -> None:
-        """The active mask is a buffer and was loaded with the tensors; the host copy of the ranks follows it."""
-        self._ranks = [layer.native_rank() for layer in self.layers.values()]
+        """The active mask is a buffer and was loaded with the tensors; nothing else is derived."""
 
     def continuous_ranks(self) -> dict[str, float]:
         return {n: layer.continuous_rank() for n, layer in self.layers.items()}
