@@ -73,7 +73,8 @@ def sync(device: str) -> None:
 
 
 def time_steps(step, device: str, warmup: int, steps: int, reset_peak: bool = True) -> tuple[float, float]:
-    """Median seconds per step after warm-up, and peak memory in GiB (CUDA only; reset after the warm-up unless
+    """Median seconds per step after warm-up (on CUDA: between events recorded after each step, with no host wait
+    in between, so a step's host work overlaps the GPU work queued before it, as in the trainer), and peak memory in GiB (CUDA only; reset after the warm-up unless
     `reset_peak` is False: a replayed CUDA graph allocates nothing, its peak was reached when it was captured)."""
     for _ in range(warmup):
         step()
@@ -81,7 +82,15 @@ def time_steps(step, device: str, warmup: int, steps: int, reset_peak: bool = Tr
     if device == "cuda" and reset_peak:
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(steps):
+    if device == "cuda":  # steps back to back as in training (the host runs ahead); intervals between GPU events
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        marks[0].record()
+        for i in range(steps):
+            step()
+            marks[i + 1].record()
+        sync(device)
+        times = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+    for _ in range(steps if device != "cuda" else 0):
         t0 = time.perf_counter()
         step()
         sync(device)
@@ -102,9 +111,10 @@ def floor_step(unet, inputs, autocast: bool, device: str, graphs: bool = False):
 
 
 def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None, graphs: bool = False,
-               clip: bool = False, rank_updates: bool | str = True):
+               clip: bool = False, rank_updates: bool | str = "sync-free"):
     """One training step: forward, loss (+ the method's terms), backward, AdamW (clip and zeroed gradients as in
-    the trainer when `clip`); `rank_updates` False skips LoRA²'s per-step rank update (an ablation)."""
+    the trainer when `clip`); `rank_updates`: LoRA²'s per-step rank update as the trainer runs it ("sync-free"),
+    with one host read a step (True), or skipped (False, an ablation)."""
     x, t, c, kw = inputs
     fused = device == "cuda"
     opt = torch.optim.AdamW(params, lr=1e-4, fused=fused, capturable=graphs) if fused else \
@@ -165,7 +175,7 @@ def graphed(core, before):
 
 def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, rank=16, method=None, mode="bf16",
              checkpointing=False, fused=True, graphs=False, results=None, extra=None, op="chain", clip=False,
-             rank_updates: bool | str = True):
+             rank_updates: bool | str = "sync-free", compiled_kernels: bool | None = None):
     from engine.adapters import fused as fused_module
 
     fused_module.FORWARD = op  # the fused op's form (see engine/adapters/fused.py); restored below
@@ -194,6 +204,14 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
         adapters = inject(unet, make_config(method, rank=rank, **extra))
         for layer in adapters.layers.values():
             layer.fused = fused
+        if compiled_kernels is None:
+            compiled_kernels = graphs  # as the trainer: its CUDA-graph mode compiles LoRA²'s entropy too
+        if compiled_kernels and device == "cuda":
+            t0 = time.perf_counter()
+            why = adapters.use_compiled_kernels(torch.device(device))
+            if method == "lora2":
+                print(f"{name}: compiled entropy {'not used: ' + why if why else 'built'} "
+                      f"({time.perf_counter() - t0:.1f} s)", flush=True)
         step = train_step(unet, inputs, adapters.param_groups(1e-4), autocast, device, adapters, graphs, clip,
                           rank_updates)
     sec, peak = time_steps(step, device, warmup, steps, reset_peak=not graphs)
@@ -240,12 +258,14 @@ def ablation() -> list[tuple[str, dict]]:
     return [("floor bf16 graph", dict(kind="floor", graphs=True)),
             ("lora r16 graph", dict(method="lora", **g)),
             ("lora r16 graph + clip", dict(method="lora", clip=True, **g)),
+            ("lora r16 graph, merged-weight op", dict(method="lora", op="merged", **g)),
             ("tri_lora r16 graph", dict(method="tri_lora", **g)),
             ("lora2 r16 graph", dict(method="lora2", **g)),
             ("lora2 r16 graph, no entropy", dict(method="lora2", extra={"lambda_e": 0.0}, **g)),
+            ("lora2 r16 graph, eager entropy", dict(method="lora2", compiled_kernels=False, **g)),
             ("lora2 r16 graph, no rank reg", dict(method="lora2", extra={"lambda_r": 0.0}, **g)),
             ("lora2 r16 graph, no rank updates", dict(method="lora2", rank_updates=False, **g)),
-            ("lora2 r16 graph, sync-free rank updates", dict(method="lora2", rank_updates="sync-free", **g)),
+            ("lora2 r16 graph, synced rank updates", dict(method="lora2", rank_updates=True, **g)),
             ("lora2 r16 graph, max_rank 16", dict(method="lora2", extra={"max_rank": 16}, **g)),
             ("lora2 r16 graph, none of these", dict(method="lora2", rank_updates=False,
                                                     extra={"lambda_e": 0.0, "lambda_r": 0.0, "max_rank": 16}, **g))]
@@ -258,11 +278,8 @@ def plan(arch: str, quick: bool, graphs: bool = False):
         for m in method_names():
             for r in (16, 64):  # graph mode is where the bars are read: both ranks even with --quick
                 cases.append((f"{m} r{r} bf16 graph", dict(kind="ours", method=m, rank=r, graphs=True)))
-        cases.append(("lora r16 bf16 graph, merged-weight op", dict(kind="ours", method="lora", rank=16, graphs=True,
-                                                                    op="merged")))
-        cases.append(("lora2 r16 bf16 graph, no entropy term", dict(kind="ours", method="lora2", rank=16, graphs=True,
-                                                                    extra={"lambda_e": 0.0})))
-        cases.append(("peft r16 autocast graph", dict(kind="peft", rank=16, mode="autocast", graphs=True)))
+        for r in (16, 64):  # the ablations (merged-weight op, LoRA² parts) are in ablation()
+            cases.append((f"peft r{r} autocast graph", dict(kind="peft", rank=r, mode="autocast", graphs=True)))
         return cases
     cases = [("floor bf16", dict(kind="floor", mode="bf16")), ("floor autocast", dict(kind="floor", mode="autocast")),
              ("floor bf16 ckpt", dict(kind="floor", mode="bf16", checkpointing=True))]

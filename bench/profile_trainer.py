@@ -11,6 +11,8 @@ import argparse
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +34,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--step-mode", default="auto")
     ap.add_argument("--out", default="bench/results/trainer_profile")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="instead of profiling, record the Python stack of every host sync in steps 8-13")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,13 +46,25 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp())
     data = train_gpu.make_dataset(root / "data", size)
     settings = {"max_rank": 2 * args.rank} if args.method == "lora2" else {}
-    cfg = TrainConfig(dataset=str(data), base_model=args.arch, method=args.method, rank=args.rank, steps=16,
+    cfg = TrainConfig(dataset=str(data), base_model=args.arch, method=args.method, rank=args.rank, steps=args.steps,
                       batch_size=batch, mixed_precision="bf16", rank_every=0, method_settings=settings,
                       step_mode=args.step_mode, output_dir=str(root / "run"))
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
     marks = {}
 
+    syncs: dict[str, int] = {}
+
+    def on_warning(message, category, filename, lineno, file=None, line=None):
+        stack = "".join(traceback.format_stack(limit=14)[:-2])
+        syncs[f"{message}\n{stack}"] = syncs.get(f"{message}\n{stack}", 0) + 1
+
     def emit(e):
+        if args.sync_debug and isinstance(e, ev.Step) and e.step in (8, 13):
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn" if e.step == 8 else "default")
+            warnings.showwarning = on_warning if e.step == 8 else warnings.showwarning
+            warnings.simplefilter("always")
+            return
         if isinstance(e, ev.Step) and e.step in (8, 13):
             if cuda:
                 torch.cuda.synchronize()
@@ -56,13 +73,18 @@ def main(argv=None) -> int:
 
     train(cfg, emit, pipeline=pipe)
     steps = 5
+    name = f"{args.arch}_{args.method}_r{args.rank}"
+    if args.sync_debug:
+        text = "\n\n".join(f"x{n} (over {steps} steps): {k}" for k, n in sorted(syncs.items(), key=lambda kv: -kv[1]))
+        (out / f"{name}_syncs.txt").write_text(text or "no host syncs")
+        print(f"{name}: {sum(syncs.values())} host syncs in {steps} steps\n{text[:6000]}")
+        return 0
     events = prof.key_averages()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time for e in kernels) / steps / 1e3
     wall = (marks[13] - marks[8]) / steps * 1e3
     cpu = events.table(sort_by="self_cpu_time_total", row_limit=25)
     gpu = events.table(sort_by="self_device_time_total" if cuda else "cpu_time_total", row_limit=20)
-    name = f"{args.arch}_{args.method}_r{args.rank}"
     (out / f"{name}.txt").write_text(f"wall {wall:.1f} ms/step, GPU busy {busy:.1f} ms/step\n\n{cpu}\n\n{gpu}\n")
     print(f"{name}: wall {wall:.1f} ms/step (profiled), GPU busy {busy:.1f} ms/step, "
           f"kernels/step {len(kernels) / steps:.0f}")

@@ -512,3 +512,37 @@ def test_tri_lora_batched_native_ranks_equal_each_layers_own():
     batched = ad.native_ranks()
     assert batched == {n: layer.native_rank() for n, layer in ad.layers.items()}
     assert list(batched.values()) == [5, 4, 3, 2]
+
+
+def test_lora2_compiled_entropy_stays_off_the_cpu_and_says_why():
+    from test_adapters import tiny_unet as build
+
+    adapters = inject(build(), make_config("lora2", rank=2, max_rank=4))
+    why = adapters.use_compiled_kernels(torch.device("cpu"))
+    assert "CUDA only" in why and adapters._entropy_options.get("entropy") is None
+    assert inject(build(), make_config("lora2", rank=2, max_rank=4, lambda_e=0.0)).use_compiled_kernels(
+        torch.device("cpu")) == ""  # no entropy term, nothing to compile
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_entropy_equals_the_eager_one():
+    """The torch.compile'd entropy (the trainer's CUDA-graph and compile modes) gives the eager value and gradients
+    on SDXL-sized maps, for two shapes and two batch sizes (one dynamic build)."""
+    from engine.adapters.lora2 import compiled_token_entropy, token_entropy
+
+    fn, why = compiled_token_entropy(torch.device("cuda"))
+    assert fn is not None, why
+    g = torch.Generator("cuda").manual_seed(0)
+    for b, h, n in [(1, 10, 4096), (1, 20, 1024), (2, 20, 1024)]:
+        q = (torch.randn(b, h, n, 64, device="cuda", generator=g) * 2).bfloat16().requires_grad_()
+        k = (torch.randn(b, h, 77, 64, device="cuda", generator=g) * 2).bfloat16().requires_grad_()
+        out = {}
+        for name, f in (("eager", token_entropy), ("compiled", fn)):
+            q.grad = k.grad = None
+            value = f(q, k, 0.125)
+            value.backward()
+            out[name] = (value.detach().float(), q.grad.float(), k.grad.float())
+        (ve, qe, ke), (vc, qc, kc) = out["eager"], out["compiled"]
+        assert torch.allclose(vc, ve, rtol=1e-4), (b, h, n, float(vc), float(ve))
+        for a, c in ((qe, qc), (ke, kc)):
+            assert float((c - a).norm() / a.norm()) < 2e-2, (b, h, n)

@@ -347,3 +347,30 @@ def test_gpu_cuda_graph_steps_match_eager_steps(method, tmp_path):
     train(cfg, emit=lambda e: stop.set() if isinstance(e, ev.Step) and e.step == 8 else None, stop=stop)
     assert resume_run(tmp_path / "resumed").state == "finished"
     assert np.allclose(_losses(tmp_path / "resumed"), lg, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", list(SMALL))
+def test_gpu_steps_never_wait_for_the_gpu(method, tmp_path):
+    """Between logged steps nothing in the loop blocks the host on the GPU: torch's sync debug mode turns any
+    synchronizing CUDA call (a .item(), a copy from pageable host memory, ...) into an error for steps 6-14.
+    The only waits left are the lagged loss reads (events, one step behind), which the mode does not flag."""
+    from helpers import save_tiny_pipeline
+
+    model = str(save_tiny_pipeline(tmp_path / "tiny-sd"))
+    data = str(make_image_folder(tmp_path / "ds", n=6))
+    settings = {**SMALL[method], **({"restart_every_steps": 100} if method == "ac_lora" else {})}
+    seen = []
+
+    def watch(e):
+        if isinstance(e, ev.Step) and e.step in (6, 14):
+            torch.cuda.set_sync_debug_mode("error" if e.step == 6 else "default")
+            seen.append(e.step)
+
+    cfg = config(model, data, tmp_path / "run", steps=20, method=method, method_settings=settings,
+                 mixed_precision="bf16", step_mode="cuda_graph", rank_every=0)
+    try:
+        assert train(cfg, emit=watch).state == "finished"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert seen == [6, 14]

@@ -341,6 +341,11 @@ class AdapterSet:
             key, dc, uc = layer._shadow
             layer._shadow = ((key[0], *_versions(down, None if uc is None else up)), dc, uc)
 
+    def use_compiled_kernels(self, device: torch.device) -> str:
+        """Switch the method's extra per-step maths to torch.compile'd kernels on `device` (LoRA²'s entropy; the
+        trainer asks in its fast step modes). Returns "" or why it stays eager; nothing to do for most methods."""
+        return ""
+
     def reset_step(self) -> None:
         """Forget per-forward records (LoRA²'s attention entropies) left by sampling or a checkpoint recompute."""
 

@@ -5,7 +5,8 @@ several kernel launches and autograd nodes per layer; on SDXL's 560 adapted laye
 
 Two forms, same maths (FORWARD picks one; the bench times both):
 - "chain" (default): y = x W^T + b, then y += s (x A^T) B^T in place (addmm_); h = x A^T is kept for the
-  backward, where grad_x = g W, then grad_x += s (g B) A in place. 3 kernels forward, 5 backward.
+  backward, where grad_x = g W, then grad_x += s (g B) A in place. 3 kernels forward, 5 backward. With a
+  per-rank vector v (TriLoRA's sigma, LoRA²'s weights), v's gradient is the diagonal of (g B)^T h.
 - "merged": the forward forms W + s B A with one addmm and runs the layer's own matmul; the backward recomputes
   the merged weight. On CUDA an out-of-place addmm first copies its d x k input (a memcpy per call), so this
   costs 3 forward and 7 backward launches, and reads/writes d x k twice.
@@ -48,14 +49,14 @@ class ChainLowRankLinear(torch.autograd.Function):
             hs = h if vec is None else h * vec.to(cd)
             y = F.linear(x2, weight.to(cd), None if bias is None else bias.to(cd))
             y.addmm_(hs, up_c.T, alpha=scale)
-        ctx.save_for_backward(x, weight, down_c, up_c, vec, hs)
+        ctx.save_for_backward(x, weight, down_c, up_c, vec, h)  # h before diag(v): the backward needs both forms
         ctx.scale = scale
         ctx.master_dtypes = (down.dtype, up.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, downc, upc, vec, hs = ctx.saved_tensors
+        x, weight, downc, upc, vec, h = ctx.saved_tensors
         s = ctx.scale
         down_dtype, up_dtype = ctx.master_dtypes
         with torch.autocast(g.device.type, enabled=False):
@@ -69,15 +70,20 @@ class ChainLowRankLinear(torch.autograd.Function):
                 grad_x = g2 @ weight.to(cd)
                 grad_x.addmm_(gbs, downc, alpha=s)
                 grad_x = grad_x.view(x.shape)
-            grad_up = _mm_to(g2.T, hs, up_dtype)
+            grad_up = _mm_to(g2.T, h, up_dtype)  # (d, r): diag(v) and s scale its columns, a small op
+            if vec is not None:
+                grad_up = grad_up * (vec * s if s != 1 else vec).to(up_dtype)
+            elif s != 1:
+                grad_up = grad_up * s
             grad_down = _mm_to(gbs.T, x2, down_dtype)
             if s != 1:
-                grad_up, grad_down = grad_up * s, grad_down * s
+                grad_down = grad_down * s
             grad_vec = None
             if vec is not None and ctx.needs_input_grad[5]:
+                # v_i's gradient is s sum_n gb[n, i] h[n, i]: the diagonal of an (r, r) product (one kernel that
+                # accumulates in fp32) instead of recomputing h and three elementwise passes over (N, r)
                 acc = torch.promote_types(cd, torch.float32)
-                h = x2 @ downc.T
-                grad_vec = ((gb.to(acc) * h.to(acc)).sum(0) * s).to(vec.dtype)
+                grad_vec = (_mm_to(gb.T, h, acc).diagonal() * s).to(vec.dtype)
         return grad_x, None, None, grad_down, grad_up, grad_vec, None, None, None
 
 

@@ -197,6 +197,29 @@ def token_entropy(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     return -(logp.exp() * logp).sum(-1).mean() / math.log(max(n, 2))
 
 
+_COMPILED: dict[str, tuple] = {}  # device type -> (compiled token_entropy or None, why not), built once per process
+
+
+def compiled_token_entropy(device: torch.device) -> tuple:
+    """(token_entropy through torch.compile, "") or (None, why): its softmax, entropy and their gradient fuse into
+    a few kernels that read the (B, h, T, N) scores once or twice (eager writes and re-reads several fp32 copies:
+    ~9 ms of an SDXL step). Dynamic shapes: one build serves every resolution. A tiny forward and backward are
+    run here, so a missing compiler shows now and not in the middle of a training step."""
+    if device.type != "cuda":
+        return None, f"compiled entropy runs on CUDA only (training on {device.type})"
+    if device.type not in _COMPILED:
+        try:
+            fn = torch.compile(token_entropy, dynamic=True, fullgraph=True)
+            q = torch.randn(1, 2, 24, 8, device=device, dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(1, 2, 5, 8, device=device, dtype=torch.bfloat16, requires_grad=True)
+            fn(q, k, 0.35).backward()
+            _COMPILED[device.type] = (fn, "")
+        except Exception as e:  # inductor and its compiler toolchain raise many types: any of them means eager
+            _COMPILED[device.type] = (None, f"torch.compile of the entropy failed ({type(e).__name__}: "
+                                            f"{str(e)[:200]}); it runs eagerly")
+    return _COMPILED[device.type]
+
+
 class EntropyAttnProcessor:
     """Cross-attention through SDPA (as diffusers computes it); while training, also records token_entropy.
 
@@ -221,10 +244,11 @@ class EntropyAttnProcessor:
             mask = attn.prepare_attention_mask(attention_mask, k.shape[2], b).view(b, h, -1, k.shape[2])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
         if torch.is_grad_enabled():  # training only: nothing is kept while sampling
+            fn = self.options.get("entropy") or token_entropy
             if self.options["recompute"]:
-                ent = torch.utils.checkpoint.checkpoint(token_entropy, q, k, attn.scale, use_reentrant=False)
+                ent = torch.utils.checkpoint.checkpoint(fn, q, k, attn.scale, use_reentrant=False)
             else:
-                ent = token_entropy(q, k, attn.scale)
+                ent = fn(q, k, attn.scale)
             self.store.append(ent)
         out = out.transpose(1, 2).reshape(b, n, -1).to(q.dtype)
         out = attn.to_out[0](out)
@@ -271,6 +295,13 @@ class LoRA2Set(AdapterSet):
             lam = lam / lam.sum(1, keepdim=True)
         for layer, row in zip(layers, lam.unbind(0), strict=True):
             layer._lam = (row, layer.rho._version, layer.active._version)
+
+    def use_compiled_kernels(self, device: torch.device) -> str:
+        if not self._saved_processors:  # no entropy term
+            return ""
+        fn, why = compiled_token_entropy(device)
+        self._entropy_options["entropy"] = fn
+        return why
 
     def _layer_params(self, layer: LoRA2Layer) -> list[nn.Parameter]:
         return [layer.lora_A, layer.lora_B]
