@@ -10,11 +10,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_all}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1
-timeout 200 python -m pytest -q -p no:cacheprovider tests -m gpu 2>&1 | tail -5 | tee "$OUT/pytest_gpu.txt"
+timeout 260 python -m pytest -q -p no:cacheprovider tests -m gpu 2>&1 | tail -5 | tee "$OUT/pytest_gpu.txt"
 timeout 240 python bench/bench_speed.py --only-graphs --arch sd15 sdxl --out "$OUT/speed" | grep -E "^\||layers"
 timeout 200 python bench/train_gpu.py --arch sd15 sdxl --rank 16 64 --steps 25 --floor --no-gc-sweep \
     --step-modes cuda_graph --out "$OUT/train_graph.json" | grep "^{" | cut -c1-400
-for m in lora2 lora; do
+for m in lora2; do
   timeout 90 python bench/profile_trainer.py --arch sdxl --method "$m" --rank 16 --out "$OUT/trainer_profile" \
     | grep "wall"
 done
