@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import shutil
 
 import pytest
 import torch
@@ -524,25 +525,57 @@ def test_lora2_compiled_entropy_stays_off_the_cpu_and_says_why():
         torch.device("cpu")) == ""  # no entropy term, nothing to compile
 
 
+def _processor_views(b, n, t, h, hd, device="cpu", dtype=torch.float32, seed=0):
+    """q and k as the attention processor passes them: transposed views of (B, N, h * hd) projections."""
+    g = torch.Generator(device).manual_seed(seed)
+    q = (torch.randn(b, n, h * hd, generator=g, device=device) * 2).to(dtype).requires_grad_()
+    k = (torch.randn(b, t, h * hd, generator=g, device=device) * 2).to(dtype).requires_grad_()
+    return q, k, q.view(b, n, h, hd).transpose(1, 2), k.view(b, t, h, hd).transpose(1, 2)
+
+
+def _entropy_and_grads(fn, q, k, qv, kv, scale):
+    q.grad = k.grad = None
+    value = fn(qv, kv * scale)
+    value.backward()
+    return value.detach().float(), q.grad.float(), k.grad.float()
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
+def test_lora2_compiled_entropy_serves_every_shape_from_one_build_on_cpu():
+    """The compiled entropy (built as on a GPU, here on the CPU) gives the eager value and gradients for shapes it
+    was not built on (batch 1 and 4, SD-like heads and head sizes) without compiling again; an input it does not
+    cover (a contiguous q) runs eagerly instead of recompiling."""
+    from engine.adapters.lora2 import attention_entropy, build_compiled_entropy
+
+    run = build_compiled_entropy(torch.device("cpu"), torch.float32)
+    for shape in [(1, 64, 77, 5, 64), (4, 256, 77, 8, 40), (2, 100, 3, 2, 8)]:
+        q, k, qv, kv = _processor_views(*shape)
+        with torch.compiler.set_stance("fail_on_recompile"):  # raises if the build does not cover this call
+            vc, qc, kc = _entropy_and_grads(run.compiled, q, k, qv, kv, 0.125)
+        ve, qe, ke = _entropy_and_grads(attention_entropy, q, k, qv, kv, 0.125)
+        assert torch.allclose(vc, ve, rtol=1e-5) and 0 < float(ve)
+        assert torch.allclose(qc, qe, rtol=1e-4, atol=1e-7) and torch.allclose(kc, ke, rtol=1e-4, atol=1e-7)
+    q = torch.randn(2, 3, 50, 8)  # contiguous, not a view: not covered by the build
+    k = torch.randn(2, 3, 7, 8)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        with pytest.raises(RuntimeError, match="recompile"):
+            run.compiled(q, k)
+        assert float(run(q, k)) == pytest.approx(float(attention_entropy(q, k)), rel=1e-6)  # eager instead
+
+
 @pytest.mark.gpu
 def test_gpu_compiled_entropy_equals_the_eager_one():
     """The torch.compile'd entropy (the trainer's CUDA-graph and compile modes) gives the eager value and gradients
-    on SDXL-sized maps, for two shapes and two batch sizes (one dynamic build)."""
-    from engine.adapters.lora2 import compiled_token_entropy, token_entropy
+    on SDXL- and SD1.5-sized maps in bf16, from its one build (no compile at training time)."""
+    from engine.adapters.lora2 import attention_entropy, compiled_attention_entropy
 
-    fn, why = compiled_token_entropy(torch.device("cuda"))
-    assert fn is not None, why
-    g = torch.Generator("cuda").manual_seed(0)
-    for b, h, n in [(1, 10, 4096), (1, 20, 1024), (2, 20, 1024)]:
-        q = (torch.randn(b, h, n, 64, device="cuda", generator=g) * 2).bfloat16().requires_grad_()
-        k = (torch.randn(b, h, 77, 64, device="cuda", generator=g) * 2).bfloat16().requires_grad_()
-        out = {}
-        for name, f in (("eager", token_entropy), ("compiled", fn)):
-            q.grad = k.grad = None
-            value = f(q, k, 0.125)
-            value.backward()
-            out[name] = (value.detach().float(), q.grad.float(), k.grad.float())
-        (ve, qe, ke), (vc, qc, kc) = out["eager"], out["compiled"]
-        assert torch.allclose(vc, ve, rtol=1e-4), (b, h, n, float(vc), float(ve))
+    run, why = compiled_attention_entropy(torch.device("cuda"))
+    assert run is not None, why
+    for shape in [(1, 4096, 77, 10, 64), (1, 1024, 77, 20, 64), (4, 1024, 77, 8, 40)]:
+        q, k, qv, kv = _processor_views(*shape, device="cuda", dtype=torch.bfloat16)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            vc, qc, kc = _entropy_and_grads(run.compiled, q, k, qv, kv, shape[-1] ** -0.5)
+        ve, qe, ke = _entropy_and_grads(attention_entropy, q, k, qv, kv, shape[-1] ** -0.5)
+        assert torch.allclose(vc, ve, rtol=1e-3), (shape, float(vc), float(ve))
         for a, c in ((qe, qc), (ke, kc)):
-            assert float((c - a).norm() / a.norm()) < 2e-2, (b, h, n)
+            assert float((c - a).norm() / a.norm()) < 2e-2, shape

@@ -185,39 +185,70 @@ def _reset_slots(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], k
 
 
 # --- cross-attention entropy -------------------------------------------------------------------------------
-def token_entropy(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Mean entropy of each text token's attention map over the N image positions, over log N (in [0, 1]).
+def attention_entropy(q: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of each text token's attention map over the N image positions.
 
-    q: (B, h, N, hd) image queries, k: (B, h, T, hd) text keys. The scores are formed as k q^T, (B, h, T, N), so
-    the softmax over image positions runs along the contiguous last dimension (fast kernels, no transpose).
-    A text-side attention mask adds one constant per token and so does not change these maps.
+    q: (B, h, N, hd) image queries, ks: (B, h, T, hd) text keys already multiplied by the attention scale. The
+    scores are formed as ks q^T, (B, h, T, N), so the softmax over image positions runs along the contiguous last
+    dimension (fast kernels, no transpose). A text-side attention mask adds one constant per token and so does not
+    change these maps. Shape-generic on purpose: the compiled form serves every resolution from one build.
     """
-    n = q.shape[-2]
-    logp = ((k * scale) @ q.transpose(-1, -2)).log_softmax(-1, dtype=torch.float32)  # scale on the small side
-    return -(logp.exp() * logp).sum(-1).mean() / math.log(max(n, 2))
+    logp = (ks @ q.transpose(-1, -2)).log_softmax(-1, dtype=torch.float32)
+    return -(logp.exp() * logp).sum(-1).mean()
 
 
-_COMPILED: dict[str, tuple] = {}  # device type -> (compiled token_entropy or None, why not), built once per process
+def token_entropy(q: torch.Tensor, k: torch.Tensor, scale: float, core=attention_entropy) -> torch.Tensor:
+    """attention_entropy over log N, in [0, 1] (the scale goes on the small key side, outside `core`)."""
+    return core(q, k * scale) / math.log(max(q.shape[-2], 2))
 
 
-def compiled_token_entropy(device: torch.device) -> tuple:
-    """(token_entropy through torch.compile, "") or (None, why): its softmax, entropy and their gradient fuse into
-    a few kernels that read the (B, h, T, N) scores once or twice (eager writes and re-reads several fp32 copies:
-    ~9 ms of an SDXL step). Dynamic shapes: one build serves every resolution. A tiny forward and backward are
-    run here, so a missing compiler shows now and not in the middle of a training step."""
+_COMPILED: dict[str, tuple] = {}  # device type -> (compiled attention_entropy or None, why not), built once
+
+
+def compiled_attention_entropy(device: torch.device) -> tuple:
+    """(attention_entropy through torch.compile, "") or (None, why). Its softmax, entropy and their gradient fuse
+    into a few kernels that read the (B, h, T, N) scores once or twice; eager writes and re-reads several fp32
+    copies (~9 ms of an SDXL step).
+
+    Built here, once per process, with dynamic shapes for batch 1 and batch > 1 in the layout the attention
+    processor passes (views of (B, N, h * hd)); a third shape must then run without a recompile. At training
+    time it never compiles again: a call the two builds do not cover runs eagerly (torch.compiler stance
+    eager_on_recompile), so nothing compiles inside a CUDA-graph capture and no recompile limit is ever hit."""
     if device.type != "cuda":
         return None, f"compiled entropy runs on CUDA only (training on {device.type})"
+    if not hasattr(torch.compiler, "set_stance"):
+        return None, f"compiled entropy needs torch.compiler.set_stance (torch >= 2.6; this is {torch.__version__})"
     if device.type not in _COMPILED:
         try:
-            fn = torch.compile(token_entropy, dynamic=True, fullgraph=True)
-            q = torch.randn(1, 2, 24, 8, device=device, dtype=torch.bfloat16, requires_grad=True)
-            k = torch.randn(1, 2, 5, 8, device=device, dtype=torch.bfloat16, requires_grad=True)
-            fn(q, k, 0.35).backward()
-            _COMPILED[device.type] = (fn, "")
+            _COMPILED[device.type] = (build_compiled_entropy(device), "")
         except Exception as e:  # inductor and its compiler toolchain raise many types: any of them means eager
             _COMPILED[device.type] = (None, f"torch.compile of the entropy failed ({type(e).__name__}: "
                                             f"{str(e)[:200]}); it runs eagerly")
     return _COMPILED[device.type]
+
+
+def build_compiled_entropy(device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    """The compiled attention_entropy behind compiled_attention_entropy (any device: the CPU tests use it)."""
+    fn = torch.compile(attention_entropy, dynamic=True, fullgraph=True)
+
+    def views(b: int, n: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        h, hd = 2, 8
+        q = torch.randn(b, n, h * hd, device=device, dtype=dtype, requires_grad=True)
+        k = torch.randn(b, t, h * hd, device=device, dtype=dtype, requires_grad=True)
+        # as the processor passes them: q a transposed view, the scaled keys a new tensor with transposed strides
+        return q.view(b, n, h, hd).transpose(1, 2), k.view(b, t, h, hd).transpose(1, 2) * 0.35
+
+    for shape in ((1, 24, 5), (2, 24, 5)):
+        fn(*views(*shape)).backward()
+    with torch.compiler.set_stance("fail_on_recompile"):  # one more shape: covered without a new build
+        fn(*views(3, 40, 7)).backward()
+
+    def run(q: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return fn(q, ks)
+
+    run.compiled = fn
+    return run
 
 
 class EntropyAttnProcessor:
@@ -244,11 +275,12 @@ class EntropyAttnProcessor:
             mask = attn.prepare_attention_mask(attention_mask, k.shape[2], b).view(b, h, -1, k.shape[2])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
         if torch.is_grad_enabled():  # training only: nothing is kept while sampling
-            fn = self.options.get("entropy") or token_entropy
+            core = self.options.get("entropy")  # the compiled form, unless torch.compile traces this very call
+            core = attention_entropy if core is None or torch.compiler.is_compiling() else core
             if self.options["recompute"]:
-                ent = torch.utils.checkpoint.checkpoint(fn, q, k, attn.scale, use_reentrant=False)
+                ent = torch.utils.checkpoint.checkpoint(token_entropy, q, k, attn.scale, core, use_reentrant=False)
             else:
-                ent = fn(q, k, attn.scale)
+                ent = token_entropy(q, k, attn.scale, core)
             self.store.append(ent)
         out = out.transpose(1, 2).reshape(b, n, -1).to(q.dtype)
         out = attn.to_out[0](out)
@@ -299,7 +331,7 @@ class LoRA2Set(AdapterSet):
     def use_compiled_kernels(self, device: torch.device) -> str:
         if not self._saved_processors:  # no entropy term
             return ""
-        fn, why = compiled_token_entropy(device)
+        fn, why = compiled_attention_entropy(device)
         self._entropy_options["entropy"] = fn
         return why
 
