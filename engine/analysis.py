@@ -97,6 +97,45 @@ def grouped_spectra(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], ro
     return out
 
 
+def gram_singular_values(up: torch.Tensor, down: torch.Tensor, eig_device: torch.device | str | None = None
+                         ) -> torch.Tensor:
+    """gram_svd's S alone (descending): fp64 Gram products and Cholesky, then eigenvalues only, no U or V."""
+    up64, down64 = up.double(), down.double()
+    ga = down64 @ down64.transpose(-1, -2)
+    gb = up64.transpose(-1, -2) @ up64
+    eye = torch.eye(ga.shape[-1], dtype=ga.dtype, device=ga.device)
+    jitter = 1e-13 * ga.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] + torch.finfo(torch.float64).tiny
+    L, _ = torch.linalg.cholesky_ex(ga + jitter * eye)
+    m = L.transpose(-1, -2) @ gb @ L
+    m = (m + m.transpose(-1, -2)) / 2
+    s2 = torch.linalg.eigvalsh(m if eig_device is None else m.to(eig_device)).flip(-1).to(up.device)
+    S = s2.clamp_min(0).sqrt()
+    return torch.where(S > S[..., :1] * 1e-7, S, torch.zeros_like(S)).float()
+
+
+def grouped_singular_values(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], route: str = "auto"
+                            ) -> list[tuple[list[str], torch.Tensor]]:
+    """grouped_spectra's S alone ((names, S (n, r')) per shape group): what rank curves need, at a fraction of
+    the cost (no U or V; on the QR route only the R factors and singular values of the r x r core)."""
+    if route not in ("auto", "qr", "gram"):
+        raise ValueError(f"route must be auto, qr or gram, got {route!r}")
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name, (up, down) in factors.items():
+        groups[(tuple(up.shape), tuple(down.shape), up.device)].append(name)
+    out = []
+    for (ushape, dshape, device), names in groups.items():
+        ups = torch.stack([factors[n][0].detach() for n in names]).float()
+        downs = torch.stack([factors[n][1].detach() for n in names]).float()
+        d, r, k = ushape[0], ushape[1], dshape[1]
+        if (route == "gram" or (route == "auto" and device.type == "cuda")) and r <= min(d, k):
+            out.append((names, gram_singular_values(ups, downs, eig_device_for(r, device))))
+        else:
+            rb = torch.linalg.qr(ups, mode="r")[1]
+            ra = torch.linalg.qr(downs.transpose(-1, -2), mode="r")[1]
+            out.append((names, torch.linalg.svdvals(rb @ ra.transpose(-1, -2))))
+    return out
+
+
 def batched_spectra(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], route: str = "auto"
                     ) -> dict[str, Spectrum]:
     """grouped_spectra split into one Spectrum per layer (views into the group tensors)."""

@@ -579,3 +579,25 @@ def test_gpu_compiled_entropy_equals_the_eager_one():
         assert torch.allclose(vc, ve, rtol=1e-3), (shape, float(vc), float(ve))
         for a, c in ((qe, qc), (ke, kc)):
             assert float((c - a).norm() / a.norm()) < 2e-2, shape
+
+
+@pytest.mark.parametrize("route", ["qr", "gram"])
+def test_singular_values_alone_equal_the_full_spectra(route):
+    """The rank curves' values-only path gives the full cheap SVD's S (both routes), rank-deficient layers too."""
+    from engine.analysis import grouped_singular_values, grouped_spectra
+
+    g = torch.Generator().manual_seed(11)
+    factors = {f"l{i}": (torch.randn(40, 8, generator=g), torch.randn(8, 24, generator=g)) for i in range(3)}
+    factors["wide"] = (torch.randn(16, 6, generator=g), torch.randn(6, 12, generator=g))
+    up, down = torch.randn(40, 8, generator=g), torch.randn(8, 24, generator=g)
+    down[5:] = 0  # rank 5 of 8 (LoRA²'s inactive slots, a grown AC-LoRA buffer)
+    factors["deficient"] = (up, down)
+    full = {n: sp.S[i] for names, sp in grouped_spectra(factors, route=route) for i, n in enumerate(names)}
+    alone = {n: S[i] for names, S in grouped_singular_values(factors, route=route) for i, n in enumerate(names)}
+    assert alone.keys() == full.keys()
+    for n in full:
+        ref = torch.linalg.svdvals(factors[n][0] @ factors[n][1])[:full[n].numel()]
+        assert torch.allclose(alone[n], ref, rtol=1e-4, atol=1e-4 * float(ref[0])), n
+        assert torch.allclose(alone[n], full[n], rtol=1e-4, atol=1e-4 * float(ref[0])), n
+    S = alone["deficient"]
+    assert int((S > 1e-4 * S[0]).sum()) == 5  # the gram route leaves ~1e-6 of the largest from its jitter

@@ -413,11 +413,11 @@ class AdapterSet:
         return analysis.batched_spectra(self.factors())
 
     def effective_ranks(self, tau: float = 0.9) -> dict[str, int]:
-        """r_tau of every layer: one energy_rank call per shape group and one host copy for all layers."""
-        groups = analysis.grouped_spectra(self.factors())
+        """r_tau of every layer: singular values only, one energy_rank call per shape group, one host copy."""
+        groups = analysis.grouped_singular_values(self.factors())
         if not groups:
             return {}
-        ks = [analysis.energy_rank(sp.S, tau) for _, sp in groups]
+        ks = [analysis.energy_rank(S, tau) for _, S in groups]
         host = torch.cat([k.to(ks[0].device) for k in ks]).tolist()
         ranks = dict(zip([n for names, _ in groups for n in names], map(int, host), strict=True))
         return {n: ranks[n] for n in self.layers}
