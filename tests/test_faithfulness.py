@@ -422,7 +422,10 @@ def test_resetting_moments_in_place_equals_dropping_the_state():
     assert torch.equal(p1, p2) and float(o1.state[p1]["step"]) == 2
 
 
-def test_lora2_batched_resize_zeroes_exactly_the_moved_slots():
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_lora2_batched_resize_zeroes_exactly_the_moved_slots(chunk_bytes, monkeypatch):
+    if chunk_bytes is not None:
+        monkeypatch.setattr("engine.adapters.lora2.RESIZE_CHUNK_BYTES", chunk_bytes)
     model = nn.Sequential(nn.Linear(20, 24), nn.Linear(24, 24), nn.Linear(24, 24))
     ad = inject(model, make_config("lora2", rank=4, max_rank=12, targets="0,1,2", lambda_e=0.0))
     opt = torch.optim.AdamW(ad.param_groups(1e-2))
@@ -471,7 +474,12 @@ def test_lora2_rank_change_refreshes_the_compute_copies_it_touched():
         assert layer.compute_copies(layer.lora_A, None, torch.bfloat16)[0] is down_c  # seen as fresh: no re-cast
 
 
-def test_lora2_sync_free_rank_update_moves_the_same_slots():
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_lora2_sync_free_rank_update_moves_the_same_slots(chunk_bytes, monkeypatch):
+    """...also when resize_layers splits a shape group into chunks (here one layer each) to bound its memory."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr("engine.adapters.lora2.RESIZE_CHUNK_BYTES", chunk_bytes)
+
     def build():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(20, 24), nn.Linear(24, 24), nn.Linear(24, 24))

@@ -131,6 +131,9 @@ class LoRA2Layer(AdapterLayer):
         return self.active & ~old, old & ~self.active
 
 
+RESIZE_CHUNK_BYTES = 64 << 20  # resize_layers works on chunks of layers whose stacked fp32 factors fit in this
+
+
 @torch.no_grad()
 def resize_layers(layers: list[LoRA2Layer], ranks: list[int] | torch.Tensor,
                   optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -141,6 +144,11 @@ def resize_layers(layers: list[LoRA2Layer], ranks: list[int] | torch.Tensor,
     are by the masks)."""
     first = layers[0]
     c, dev, R = first.config, first.active.device, first.config.max_rank
+    step = max(1, RESIZE_CHUNK_BYTES // (R * (first.in_features + first.out_features) * 4))
+    if len(layers) > step:  # bounded temporaries: the trainer resizes every layer each step, outside its graphs
+        for i in range(0, len(layers), step):
+            resize_layers(layers[i:i + step], ranks[i:i + step], optimizer)
+        return
     on_host = not torch.is_tensor(ranks)
     new = torch.arange(R, device=dev) < torch.as_tensor(ranks, device=dev)[:, None]  # (n, R)
     old = torch.stack([layer.active for layer in layers])
