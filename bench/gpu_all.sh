@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
-# Every GPU figure of the speed work in one go (about 8 minutes on one H100/H200), results under $OUT:
-#   OUT=bench/results/$(date +%Y%m%d) bash bench/gpu_all.sh
-# 1. the gpu-marked tests (graph vs eager trainer for every method, real architectures, fused op)
-# 2. bench_speed: floor, PEFT and every method at r16/r64 under CUDA graphs, SD1.5 and SDXL, plus SVD timings
-# 3. the real trainer under CUDA graphs, x the frozen floor timed in the same process
-# 4. a profile of the real trainer's LoRA² and LoRA steps on SDXL
+# Every GPU figure of the speed work, results under $OUT:
+#   OUT=bench/results/$(date +%Y%m%d) bash bench/gpu_all.sh [tests|bench|trainer|all]
+# tests   (~4 min): the gpu-marked tests (graph vs eager trainer for every method, no host syncs, real
+#                   architectures, fused op, compiled entropy)
+# bench   (~4 min): bench_speed under CUDA graphs (floor, PEFT r16/r64, every method r16/r64, SD1.5 and SDXL, SVD
+#                   timings), then the LoRA² ablation on SDXL
+# trainer (~4 min): the real trainer under CUDA graphs x the frozen floor timed in the same process, and a
+#                   profile of its LoRA² step on SDXL
+# all: the three in a row (longer than one 600 s device call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_all}
+PART=${1:-all}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1
-timeout 260 python -m pytest -q -p no:cacheprovider tests -m gpu 2>&1 | tail -5 | tee "$OUT/pytest_gpu.txt"
-timeout 240 python bench/bench_speed.py --only-graphs --arch sd15 sdxl --out "$OUT/speed" | grep -E "^\||layers"
-timeout 200 python bench/train_gpu.py --arch sd15 sdxl --rank 16 64 --steps 25 --floor --no-gc-sweep \
-    --step-modes cuda_graph --out "$OUT/train_graph.json" | grep "^{" | cut -c1-400
-for m in lora2; do
-  timeout 90 python bench/profile_trainer.py --arch sdxl --method "$m" --rank 16 --out "$OUT/trainer_profile" \
+if [[ $PART == tests || $PART == all ]]; then
+  timeout 300 python -m pytest -q -p no:cacheprovider -W ignore tests -m gpu > "$OUT/pytest_gpu.txt" 2>&1
+  tail -15 "$OUT/pytest_gpu.txt"
+fi
+if [[ $PART == bench || $PART == all ]]; then
+  timeout 240 python bench/bench_speed.py --only-graphs --arch sd15 sdxl --out "$OUT/speed" | grep -E "^\||layers|entropy"
+  timeout 150 python bench/bench_speed.py --ablation --arch sdxl --out "$OUT/ablation" | grep -E "^\||entropy"
+fi
+if [[ $PART == trainer || $PART == all ]]; then
+  timeout 220 python bench/train_gpu.py --arch sd15 sdxl --rank 16 64 --steps 25 --floor --no-gc-sweep \
+      --step-modes cuda_graph --out "$OUT/train_graph.json" | grep "^{" | cut -c1-400
+  timeout 90 python bench/profile_trainer.py --arch sdxl --method lora2 --rank 16 --out "$OUT/trainer_profile" \
     | grep "wall"
-done
+fi
