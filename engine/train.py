@@ -97,7 +97,7 @@ def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
     compiled = speed.compile_blocks(pipe.unet) if mode == "compile" else None
     if compiled is not None and not compiled.enabled:
         mode, notice = "eager", compiled.reason
-    if mode != "eager" and acc.device.type == "cuda":  # the method's extra maths compiled too (LoRA²'s entropy)
+    if mode == "cuda_graph":  # the method's extra maths compiled too (LoRA²'s entropy; mode compile traces it inline)
         notice = "; ".join(filter(None, [notice, adapters.use_compiled_kernels(acc.device)]))
     groups = adapters.param_groups(cfg.lr, cfg.weight_decay)
     # fused AdamW: one kernel for all tensors; capturable: state a CUDA graph can step (fp16 keeps the plain one,

@@ -106,12 +106,12 @@ def test_batched_fold_is_used_and_follows_every_optimizer_step(method):
     for _ in range(3):
         fused, plain = _run(model, ad, x, True), _run(model, ad, x, False)
         layer = ad.layers["1"]
-        assert layer._folded is not None and layer._folded[2][0] == layer.fold_key()  # made by the set's hook
+        assert layer._folded is not None and layer._folded[3] == layer.fold_key()  # made by the set's hook
         assert torch.allclose(fused[0], plain[0], atol=1e-12)
         for a, b in zip(fused[2], plain[2], strict=True):
             assert torch.allclose(a, b, atol=1e-11)
         opt.step()  # moves B and v in place: the stored fold is now stale
-        assert layer._folded[2][0] != layer.fold_key()
+        assert layer._folded[3] != layer.fold_key()
     ad.remove()
     assert not model._forward_pre_hooks
 

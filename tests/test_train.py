@@ -374,3 +374,29 @@ def test_gpu_steps_never_wait_for_the_gpu(method, tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert seen == [6, 14]
+
+
+def test_compile_mode_compiles_once_while_lora2_ranks_move(model, dataset, tmp_path):
+    """Step mode compile: no graph break in our code, and nothing compiles again after the first steps although
+    LoRA²'s ranks move (fixed R_max buffers and masks; version counters are not read inside compiled code)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    seen = {}
+
+    def watch(e):
+        if isinstance(e, ev.Step) and e.step == 3:
+            seen["frames"] = dict(counters["frames"])
+        if isinstance(e, ev.RankChange):
+            seen.setdefault("moves", []).append(e.step)
+
+    cfg = config(model, dataset, tmp_path / "run", method="lora2", steps=10, rank_every=0, step_mode="compile",
+                 method_settings={"max_rank": 12, "rho_lr": 0.2, "lambda_e": 0.0})
+    events = []
+    assert train(cfg, emit=lambda e: (events.append(e), watch(e))).state == "finished"
+    assert not [e for e in events if isinstance(e, ev.Notice)]
+    assert [e.step_mode for e in events if isinstance(e, ev.Started)] == ["compile"]
+    assert any(s > 3 for s in seen.get("moves", [])), seen  # ranks moved after the snapshot
+    assert seen["frames"].get("ok", 0) > 0 and dict(counters["frames"]) == seen["frames"], (seen, counters["frames"])
+    assert not counters["graph_break"], dict(counters["graph_break"])

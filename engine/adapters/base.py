@@ -97,7 +97,7 @@ class AdapterLayer(nn.Module):
         self.merged = False
         self.fused = True  # one fused autograd op per Linear (engine/adapters/fused.py); False: separate ops
         self._shadow = None  # (key, A, B in the compute dtype), see compute_copies
-        self._folded = None  # (s B diag(v), its compute-dtype copy, key), set by AdapterSet.fold_vectors
+        self._folded = None  # (s B diag(v), its compute-dtype copy, (grad mode, dtype), fold_key()): fold_vectors
 
     # --- what every method defines -------------------------------------------------------------
     def down_up(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +148,8 @@ class AdapterLayer(nn.Module):
             # LoRA chain, with no extra work on the N x r activations. Inside a model forward the set has folded
             # every layer at once (AdapterSet.fold_vectors); a lone layer call folds itself.
             folded = self._folded
-            if folded is not None and folded[2] == (self.fold_key(), torch.is_grad_enabled(), cd):
+            if folded is not None and folded[2] == (torch.is_grad_enabled(), cd) and (
+                    torch.compiler.is_compiling() or folded[3] == self.fold_key()):  # see compute_copies
                 up_v, up_vc = folded[0], folded[1]
             else:
                 up_v = fold_vector(up, vec, self.scale)
@@ -176,6 +177,11 @@ class AdapterLayer(nn.Module):
         """
         if down.dtype == cd and (up is None or up.dtype == cd):
             return down, up
+        old = self._shadow
+        if torch.compiler.is_compiling() and old is not None and old[0][0] == cd and (old[2] is None) == (up is None):
+            # inside torch.compile (step mode compile) the copies are trusted: the trainer refreshes them after
+            # every optimizer step, and reading version counters here would make them guards (a recompile a step)
+            return old[1], old[2]
         key = (cd, *_versions(down, up))
         if self._shadow is None or self._shadow[0] != key:
             with torch.no_grad():
@@ -303,7 +309,7 @@ class AdapterSet:
             folded = fold_vector(ups, vecs[:, None, :], scale)
             compute = folded.detach().to(cd)
             for layer, f, c in zip(group, folded.unbind(0), compute.unbind(0), strict=True):
-                layer._folded = (f, c, (layer.fold_key(), grad, cd))
+                layer._folded = (f, c, (grad, cd), layer.fold_key())
 
     # trainer hooks ------------------------------------------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:

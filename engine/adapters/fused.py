@@ -41,6 +41,8 @@ class ChainLowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, vec, scale, down_c, up_c):
+        down_c = down if down_c is None else down_c
+        up_c = up if up_c is None else up_c
         with torch.autocast(x.device.type, enabled=False):
             cd = x.dtype
             k = x.shape[-1]
@@ -97,6 +99,8 @@ class MergedLowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, vec, scale, down_c, up_c):
+        down_c = down if down_c is None else down_c
+        up_c = up if up_c is None else up_c
         with torch.autocast(x.device.type, enabled=False):
             cd = x.dtype
             w = torch.addmm(weight.to(cd), _scaled_up(up_c, vec, scale, cd), down_c)
@@ -140,6 +144,8 @@ class MergedLowRankLinear(torch.autograd.Function):
 
 
 def lowrank_linear(x, weight, bias, down, up, vec, scale: float, down_c=None, up_c=None):
+    """down_c / up_c: the compute-dtype copies, or None (or the masters themselves) when no cast is needed. The
+    op gets None then: torch.compile cannot trace an autograd.Function given one tensor as two inputs."""
     op = ChainLowRankLinear if FORWARD == "chain" else MergedLowRankLinear
-    return op.apply(x, weight, bias, down, up, vec, scale, down if down_c is None else down_c,
-                               up if up_c is None else up_c)
+    return op.apply(x, weight, bias, down, up, vec, scale, None if down_c is down else down_c,
+                    None if up_c is up else up_c)

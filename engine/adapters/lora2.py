@@ -105,7 +105,10 @@ class LoRA2Layer(AdapterLayer):
         """Inside a model forward the set has computed every layer's weights in one batched op (see LoRA2Set)."""
         # kept after the forward so that a gradient-checkpointing recompute sees the very same tensor;
         # a change of rho or of the rank since then makes it stale
-        if self._lam is not None and self._lam[1:] == (self.rho._version, self.active._version):
+        # (inside torch.compile the set has just made them for this forward: reading the version counters there
+        # would make them guards, and a recompile every step)
+        if self._lam is not None and (torch.compiler.is_compiling()
+                                      or self._lam[1:] == (self.rho._version, self.active._version)):
             return self._lam[0]
         return self.lambdas()
 
