@@ -249,10 +249,11 @@ def build_compiled_entropy(device: torch.device, dtype: torch.dtype = torch.bflo
         # as the processor passes them: q a transposed view, the scaled keys a new tensor with transposed strides
         return q.view(b, n, h, hd).transpose(1, 2), k.view(b, t, h, hd).transpose(1, 2) * 0.35
 
-    for shape in ((1, 24, 5), (2, 24, 5)):
-        fn(*views(*shape)).backward()
-    with torch.compiler.set_stance("fail_on_recompile"):  # one more shape: covered without a new build
-        fn(*views(3, 40, 7)).backward()
+    with torch.enable_grad():  # the trial needs its backward, whatever mode the caller is in
+        for shape in ((1, 24, 5), (2, 24, 5)):
+            fn(*views(*shape)).backward()
+        with torch.compiler.set_stance("fail_on_recompile"):  # one more shape: covered without a new build
+            fn(*views(3, 40, 7)).backward()
 
     def run(q: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
         with torch.compiler.set_stance("eager_on_recompile"):
