@@ -236,7 +236,20 @@ def svd_timings(arch, device, dtype, rank, results):
         for p in ad.parameters():
             p.normal_(0, 0.02)
     out = {}
+
+    def rank_log(host: bool = True):
+        """The trainer's rank log: probe on the device, pinned copies, and (host) the eigenvalues on the CPU."""
+        from engine.train import _probe_to_host
+
+        probe, event = _probe_to_host(ad.rank_probe())
+        if host:
+            if event is not None:
+                event.synchronize()
+            probe.finish(0.9)
+
     for label, fn in (("rank_measure_s", lambda: ad.effective_ranks(0.9)),
+                      ("rank_log_s", rank_log),  # device and host parts back to back (the trainer overlaps them)
+                      ("rank_log_launch_s", lambda: rank_log(host=False)),  # what the training loop waits for
                       ("ac_restart_s", lambda: ad.restart(0.2, 3, 10))):
         fn()
         sync(device)
@@ -327,7 +340,8 @@ def markdown(results, device_name: str) -> str:
     for r in results:
         if r["kind"] == "svd":
             lines.append(f"\n{r['name']} ({r['layers']} layers): full rank measurement {r['rank_measure_s']:.3f} s, "
-                         f"AC-LoRA restart {r['ac_restart_s']:.3f} s")
+                         f"AC-LoRA restart {r['ac_restart_s']:.3f} s, trainer rank log {r['rank_log_s']:.3f} s "
+                         f"(device part, timed with a sync: {r['rank_log_launch_s']:.3f} s)")
     return "\n".join(lines)
 
 

@@ -97,20 +97,79 @@ def grouped_spectra(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], ro
     return out
 
 
-def gram_singular_values(up: torch.Tensor, down: torch.Tensor, eig_device: torch.device | str | None = None
-                         ) -> torch.Tensor:
-    """gram_svd's S alone (descending): fp64 Gram products and Cholesky, then eigenvalues only, no U or V."""
+def grams(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down down^T, up^T up) in fp64, (..., r, r) each: all that the singular values of up @ down depend on."""
     up64, down64 = up.double(), down.double()
-    ga = down64 @ down64.transpose(-1, -2)
-    gb = up64.transpose(-1, -2) @ up64
+    return down64 @ down64.transpose(-1, -2), up64.transpose(-1, -2) @ up64
+
+
+def singular_values_from_grams(ga: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
+    """S (..., r), descending, of up @ down from grams(up, down): ga = L L^T (Cholesky, a tiny jitter for a
+    rank-deficient down), S^2 = eigenvalues of L^T gb L. Values below 1e-7 of the largest are set to zero."""
     eye = torch.eye(ga.shape[-1], dtype=ga.dtype, device=ga.device)
     jitter = 1e-13 * ga.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] + torch.finfo(torch.float64).tiny
     L, _ = torch.linalg.cholesky_ex(ga + jitter * eye)
     m = L.transpose(-1, -2) @ gb @ L
-    m = (m + m.transpose(-1, -2)) / 2
-    s2 = torch.linalg.eigvalsh(m if eig_device is None else m.to(eig_device)).flip(-1).to(up.device)
-    S = s2.clamp_min(0).sqrt()
+    S = torch.linalg.eigvalsh((m + m.transpose(-1, -2)) / 2).flip(-1).clamp_min(0).sqrt()
     return torch.where(S > S[..., :1] * 1e-7, S, torch.zeros_like(S)).float()
+
+
+def gram_singular_values(up: torch.Tensor, down: torch.Tensor, eig_device: torch.device | str | None = None
+                         ) -> torch.Tensor:
+    """gram_svd's S alone (descending): fp64 Gram products, then Cholesky and eigenvalues (on `eig_device`)."""
+    ga, gb = grams(up, down)
+    if eig_device is not None:
+        ga, gb = ga.to(eig_device), gb.to(eig_device)
+    return singular_values_from_grams(ga, gb).to(up.device)
+
+
+def grouped_grams(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], chunk_bytes: int = 64 << 20
+                  ) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """(names, ga (n, r, r), gb (n, r, r)) per shape group, on the factors' device, with no host sync. Stacked
+    and cast to fp64 a chunk of layers at a time (at most `chunk_bytes` of fp64 factors), so that a rank log
+    during training adds little to the peak memory."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name, (up, down) in factors.items():
+        groups[(tuple(up.shape), tuple(down.shape), up.device)].append(name)
+    out = []
+    for (ushape, dshape, _), names in groups.items():
+        step = max(1, chunk_bytes // (8 * (ushape[0] * ushape[1] + dshape[0] * dshape[1])))
+        parts = [grams(torch.stack([factors[n][0].detach() for n in names[i:i + step]]),
+                       torch.stack([factors[n][1].detach() for n in names[i:i + step]]))
+                 for i in range(0, len(names), step)]
+        out.append((names, torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])))
+    return out
+
+
+@dataclass
+class RankProbe:
+    """A rank log's inputs (AdapterSet.rank_probe): per shape group the layers' Gram matrices, and the native ranks
+    as host ints or as a tensor in `order`. Made on the device without a host sync; `tensors()` can be copied
+    to the host asynchronously and put back with `with_tensors`; `finish` reads them."""
+
+    order: list[str]
+    groups: list[tuple[list[str], torch.Tensor, torch.Tensor]]
+    native: dict[str, int] | torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [t for _, ga, gb in self.groups for t in (ga, gb)]
+        return out + ([self.native] if torch.is_tensor(self.native) else [])
+
+    def with_tensors(self, tensors: list[torch.Tensor]) -> RankProbe:
+        it = iter(tensors)
+        groups = [(names, next(it), next(it)) for names, _, _ in self.groups]
+        return RankProbe(self.order, groups, next(it) if torch.is_tensor(self.native) else self.native)
+
+    def finish(self, tau: float) -> tuple[dict[str, int], dict[str, int]]:
+        """(effective r_tau, native rank) per layer, in `order`."""
+        eff: dict[str, int] = {}
+        for names, ga, gb in self.groups:
+            eff.update(zip(names, map(int, energy_rank(singular_values_from_grams(ga, gb), tau).tolist()),
+                           strict=True))
+        native = self.native
+        if torch.is_tensor(native):
+            native = dict(zip(self.order, map(int, native.tolist()), strict=True))
+        return {n: eff[n] for n in self.order}, {n: int(native[n]) for n in self.order}
 
 
 def grouped_singular_values(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], route: str = "auto"

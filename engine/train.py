@@ -64,6 +64,7 @@ class _Session:
     graphed: step_graph.GraphedStep | None = None  # the captured step (mode cuda_graph)
     compiled: speed.CompileState | None = None  # torch.compile state (mode compile), checked on the first step
     ranks_seen: list[int] | None = None  # LoRA²: the per-layer ranks last logged (RankChange reports moves)
+    rank_logs: list = dataclasses.field(default_factory=list)  # (step, tau, RankProbe being copied, event)
 
 
 def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
@@ -379,8 +380,10 @@ def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: t
             s.adapters.refresh_shadows()
             s.loss_sum, s.loss_count = torch.zeros_like(s.loss_sum), 0
             log(ev.Restart(s.step, epoch, float(info["p"]), mean, dict(info["ranks"])))
-        if cfg.rank_every and s.step % cfg.rank_every == 0 and s.step < s.total_steps:
-            _log_ranks(s, cfg, log)
+        if cfg.rank_every and s.step % cfg.rank_every == 0 and s.step < s.total_steps and log.main:
+            # started here, read back like the losses: emitted once the GPU is past this step (at once on a CPU)
+            s.rank_logs.append((s.step, cfg.tau, *_probe_to_host(s.adapters.rank_probe())))
+            _emit_ranks(s, log, s.step - lag)
         if cfg.sample_every and cfg.sample_prompts and s.step % cfg.sample_every == 0 and s.step < s.total_steps:
             _flush(s, pending, log)
             _samples(s, cfg, run, log)
@@ -389,6 +392,21 @@ def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: t
             _checkpoint(s, cfg, run, log)
     _flush(s, pending, log)
     return "finished"
+
+
+def _probe_to_host(probe) -> tuple[Any, Any]:
+    """A rank probe with its tensors being copied to pinned host memory, and the event that ends the copy."""
+    tensors = probe.tensors()
+    if not any(t.is_cuda for t in tensors):
+        return probe, None
+    host = []
+    for t in tensors:
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        h.copy_(t, non_blocking=True)
+        host.append(h)
+    event = torch.cuda.Event()
+    event.record()
+    return probe.with_tensors(host), event
 
 
 def _to_host(loss: torch.Tensor, terms: dict, ranks: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
@@ -424,13 +442,32 @@ def _flush(s: _Session, pending: list, log: _Log, keep: int = 0) -> int:
                 log(ev.RankChange(step, moved))
             s.ranks_seen = now
         log(ev.Step(step, row[0], lr, epoch, dict(zip(names, row[1:1 + len(names)]))))
+        _emit_ranks(s, log, step)
     del pending[:len(done)]
+    if not keep:
+        _emit_ranks(s, log, s.step)
     return len(done)
 
 
+def _emit_ranks(s: _Session, log: _Log, upto: int) -> None:
+    """Finish the rank logs started at or before step `upto` (their copies are done by now: the GPU has finished
+    that step) and emit them: eigenvalues of r x r matrices on the host, while the GPU runs the next step."""
+    while s.rank_logs and s.rank_logs[0][0] <= upto:
+        step, tau, probe, event = s.rank_logs.pop(0)
+        if event is not None:
+            event.synchronize()
+        effective, native = probe.finish(tau)
+        log(ev.Ranks(step, effective, native, tau))
+
+
 def _log_ranks(s: _Session, cfg: TrainConfig, log: _Log) -> None:
+    """A rank log now (the end of a run); during training they are started in the loop and emitted by _flush."""
     if log.main:
-        log(ev.Ranks(s.step, s.adapters.effective_ranks(cfg.tau), s.adapters.native_ranks(), cfg.tau))
+        probe, event = _probe_to_host(s.adapters.rank_probe())
+        if event is not None:
+            event.synchronize()
+        effective, native = probe.finish(cfg.tau)
+        log(ev.Ranks(s.step, effective, native, cfg.tau))
 
 
 def _samples(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log) -> None:

@@ -609,3 +609,34 @@ def test_singular_values_alone_equal_the_full_spectra(route):
         assert torch.allclose(alone[n], full[n], rtol=1e-4, atol=1e-4 * float(ref[0])), n
     S = alone["deficient"]
     assert int((S > 1e-4 * S[0]).sum()) == 5  # the gram route leaves ~1e-6 of the largest from its jitter
+
+
+@pytest.mark.parametrize("method", ["lora", "ac_lora", "tri_lora", "lora2"])
+def test_rank_probe_gives_the_rank_log_of_the_synchronous_path(method):
+    """The trainer's asynchronous rank log (rank_probe: Gram matrices and native ranks on the device, finished on the
+    host later) gives effective_ranks and native_ranks, also from host copies of its tensors and in chunks."""
+    from engine import analysis
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(20, 24), nn.Linear(24, 24), nn.Linear(24, 24), nn.Linear(24, 16))
+    extra = {"max_rank": 12, "lambda_e": 0.0} if method == "lora2" else {}
+    ad = inject(model, make_config(method, rank=6, targets="0,1,2,3", **extra))
+    with torch.no_grad():
+        for i, layer in enumerate(ad.layers.values()):
+            down, up = layer.down_up()
+            up.normal_()
+            down.normal_()
+            decay = (0.2, 0.5, 0.8, 1.0)[i]  # the layers' spectra fall off at different rates
+            down *= torch.tensor([decay ** j for j in range(down.shape[0])])[:, None]
+            if method == "lora2":
+                layer.rho.fill_(inverse_softplus(nu_for_rank(3 + i, 0.9)))
+    if method == "lora2":
+        ad.before_step(0)  # masks follow the rates: ranks 3..6
+    expected = (ad.effective_ranks(0.9), ad.native_ranks())
+    probe = ad.rank_probe()
+    assert probe.finish(0.9) == expected
+    assert probe.with_tensors([t.clone() for t in probe.tensors()]).finish(0.9) == expected
+    assert len(set(expected[0].values())) > 1  # the layers differ: the check can tell them apart
+    chunked = analysis.grouped_grams(ad.factors(), chunk_bytes=1)  # one layer per chunk
+    for (n1, a1, b1), (n2, a2, b2) in zip(probe.groups, chunked, strict=True):
+        assert n1 == n2 and torch.allclose(a1, a2) and torch.allclose(b1, b2)

@@ -352,9 +352,9 @@ def test_gpu_cuda_graph_steps_match_eager_steps(method, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", list(SMALL))
 def test_gpu_steps_never_wait_for_the_gpu(method, tmp_path):
-    """Between logged steps nothing in the loop blocks the host on the GPU: torch's sync debug mode turns any
+    """Nothing in the loop blocks the host on the GPU, rank logs included: torch's sync debug mode turns any
     synchronizing CUDA call (a .item(), a copy from pageable host memory, ...) into an error for steps 6-14.
-    The only waits left are the lagged loss reads (events, one step behind), which the mode does not flag."""
+    The only waits left are the lagged reads of losses and rank logs (events, a step behind), which it allows."""
     from helpers import save_tiny_pipeline
 
     model = str(save_tiny_pipeline(tmp_path / "tiny-sd"))
@@ -368,12 +368,14 @@ def test_gpu_steps_never_wait_for_the_gpu(method, tmp_path):
             seen.append(e.step)
 
     cfg = config(model, data, tmp_path / "run", steps=20, method=method, method_settings=settings,
-                 mixed_precision="bf16", step_mode="cuda_graph", rank_every=0)
+                 mixed_precision="bf16", step_mode="cuda_graph", rank_every=5)
+    events = []
     try:
-        assert train(cfg, emit=watch).state == "finished"
+        assert train(cfg, emit=lambda e: (events.append(e), watch(e))).state == "finished"
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert seen == [6, 14]
+    assert [e.step for e in events if isinstance(e, ev.Ranks)] == [5, 10, 15, 20]
 
 
 def test_compile_mode_compiles_once_while_lora2_ranks_move(model, dataset, tmp_path):

@@ -431,6 +431,19 @@ class AdapterSet:
     def native_ranks(self) -> dict[str, int]:
         return {name: layer.native_rank() for name, layer in self.layers.items()}
 
+    def device_native_ranks(self) -> torch.Tensor | None:
+        """Native ranks of all layers (in layer order) as one device tensor, for methods that compute them on the
+        device (TriLoRA, LoRA²); None where they are host values (LoRA, AC-LoRA)."""
+        return None
+
+    @torch.no_grad()
+    def rank_probe(self) -> analysis.RankProbe:
+        """A rank log started without a host sync: every layer's Gram matrices and the native ranks, on the device
+        (the trainer copies them to the host behind an event and finishes the log a step later)."""
+        native = self.device_native_ranks()
+        return analysis.RankProbe(list(self.layers), analysis.grouped_grams(self.factors()),
+                                  native if native is not None else self.native_ranks())
+
     def export_ranks(self) -> dict[str, int]:
         """Per-layer rank of the plain LoRA this adapter exports to without pruning (the native rank, >= 1)."""
         return {n: max(1, min(layer.export_rank(), layer.out_features, layer.in_features))

@@ -399,10 +399,14 @@ class LoRA2Set(AdapterSet):
     @torch.no_grad()
     def native_ranks(self) -> dict[str, int]:
         """D of every layer with one host read (each layer's own cache is stale after a sync-free update)."""
+        counts = self.device_native_ranks()
+        return {} if counts is None else dict(zip(self.layers, map(int, counts.tolist()), strict=True))
+
+    @torch.no_grad()
+    def device_native_ranks(self) -> torch.Tensor | None:
         if not self.layers:
-            return {}
-        counts = torch.stack([layer.active for layer in self.layers.values()]).sum(1).tolist()
-        return dict(zip(self.layers, map(int, counts), strict=True))
+            return None
+        return torch.stack([layer.active for layer in self.layers.values()]).sum(1)
 
     def device_ranks(self) -> torch.Tensor | None:
         """D of every layer (in layer order) as set by the last before_step, on the device (not read here)."""

@@ -73,20 +73,26 @@ class TriLoRASet(AdapterSet):
     @torch.no_grad()
     def native_ranks(self) -> dict[str, int]:
         """Every layer's native rank in a few batched ops per shape group and one host read (not one per layer)."""
-        groups: dict[tuple, list[str]] = {}
-        for name, layer in self.layers.items():
-            groups.setdefault((tuple(layer.tri_U.shape), tuple(layer.tri_Vt.shape)), []).append(name)
-        names, counts = [], []
-        for group in groups.values():
-            layers = [self.layers[n] for n in group]
-            counts.append(component_counts(torch.stack([la.tri_sigma for la in layers]),
-                                           torch.stack([la.tri_U for la in layers]),
-                                           torch.stack([la.tri_Vt for la in layers])))
-            names += group
-        if not names:
-            return {}
-        found = dict(zip(names, torch.cat(counts).tolist(), strict=True))
-        return {name: int(found[name]) for name in self.layers}
+        counts = self.device_native_ranks()
+        return {} if counts is None else dict(zip(self.layers, map(int, counts.tolist()), strict=True))
+
+    @torch.no_grad()
+    def device_native_ranks(self) -> torch.Tensor | None:
+        layers = list(self.layers.values())
+        if not layers:
+            return None
+        device = layers[0].tri_U.device
+        if getattr(self, "_native_groups", (None,))[0] != device:  # made once: no host-to-device copy per call
+            groups: dict[tuple, list[int]] = {}
+            for i, layer in enumerate(layers):
+                groups.setdefault((tuple(layer.tri_U.shape), tuple(layer.tri_Vt.shape)), []).append(i)
+            order = [i for ix in groups.values() for i in ix]
+            self._native_groups = (device, list(groups.values()), torch.tensor(order, device=device))
+        _, groups, order = self._native_groups
+        flat = torch.cat([component_counts(torch.stack([layers[i].tri_sigma for i in ix]),
+                                           torch.stack([layers[i].tri_U for i in ix]),
+                                           torch.stack([layers[i].tri_Vt for i in ix])) for ix in groups])
+        return torch.empty_like(flat).index_copy_(0, order, flat)
 
 
 METHOD = register(Method("tri_lora", "TriLoRA", TriLoRAConfig, TriLoRALayer, TriLoRASet,
