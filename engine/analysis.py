@@ -106,6 +106,9 @@ def grams(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def singular_values_from_grams(ga: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
     """S (..., r), descending, of up @ down from grams(up, down): ga = L L^T (Cholesky, a tiny jitter for a
     rank-deficient down), S^2 = eigenvalues of L^T gb L. Values below 1e-7 of the largest are set to zero."""
+    bad = ~(torch.isfinite(ga).all(-1).all(-1) & torch.isfinite(gb).all(-1).all(-1))  # a diverged layer: rank 0
+    if bool(bad.any()):
+        ga, gb = (torch.where(bad[..., None, None], torch.zeros_like(g), g) for g in (ga, gb))
     eye = torch.eye(ga.shape[-1], dtype=ga.dtype, device=ga.device)
     jitter = 1e-13 * ga.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] + torch.finfo(torch.float64).tiny
     L, _ = torch.linalg.cholesky_ex(ga + jitter * eye)

@@ -99,7 +99,7 @@ def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
     if compiled is not None and not compiled.enabled:
         mode, notice = "eager", compiled.reason
     if mode == "cuda_graph":  # the method's extra maths compiled too (LoRA²'s entropy; mode compile traces it inline)
-        notice = "; ".join(filter(None, [notice, adapters.use_compiled_kernels(acc.device)]))
+        notice = "; ".join(filter(None, [notice, adapters.use_compiled_kernels(acc.device, pipe.unet.dtype)]))
     groups = adapters.param_groups(cfg.lr, cfg.weight_decay)
     # fused AdamW: one kernel for all tensors; capturable: state a CUDA graph can step (fp16 keeps the plain one,
     # which accelerate's loss scaler has always driven)

@@ -555,7 +555,14 @@ def test_lora2_compiled_entropy_serves_every_shape_from_one_build_on_cpu():
     cover (a contiguous q) runs eagerly instead of recompiling."""
     from engine.adapters.lora2 import attention_entropy, build_compiled_entropy
 
+    torch.manual_seed(5)
+    expected = torch.randn(3)
+    torch.manual_seed(5)
     run = build_compiled_entropy(torch.device("cpu"), torch.float32)
+    assert torch.equal(torch.randn(3), expected)  # the build draws from its own generator, not the run's
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.compiler.set_stance("fail_on_recompile"):
+        q, k, qv, kv = _processor_views(2, 30, 7, 2, 8)
+        run(qv, kv)  # the wrapper turns autocast off: covered by the build, no recompile
     for shape in [(1, 64, 77, 5, 64), (4, 256, 77, 8, 40), (2, 100, 3, 2, 8)]:
         q, k, qv, kv = _processor_views(*shape)
         with torch.compiler.set_stance("fail_on_recompile"):  # raises if the build does not cover this call
@@ -640,3 +647,14 @@ def test_rank_probe_gives_the_rank_log_of_the_synchronous_path(method):
     chunked = analysis.grouped_grams(ad.factors(), chunk_bytes=1)  # one layer per chunk
     for (n1, a1, b1), (n2, a2, b2) in zip(probe.groups, chunked, strict=True):
         assert n1 == n2 and torch.allclose(a1, a2) and torch.allclose(b1, b2)
+
+
+def test_rank_probe_gives_a_diverged_layer_rank_zero():
+    from engine import analysis
+
+    g = torch.Generator().manual_seed(1)
+    factors = {"ok": (torch.randn(12, 4, generator=g), torch.randn(4, 10, generator=g)),
+               "nan": (torch.full((12, 4), float("nan")), torch.randn(4, 10, generator=g))}
+    probe = analysis.RankProbe(["ok", "nan"], analysis.grouped_grams(factors), {"ok": 4, "nan": 4})
+    effective, native = probe.finish(0.9)
+    assert effective["nan"] == 0 and 1 <= effective["ok"] <= 4 and native == {"ok": 4, "nan": 4}

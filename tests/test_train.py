@@ -379,8 +379,9 @@ def test_gpu_steps_never_wait_for_the_gpu(method, tmp_path):
 
 
 def test_compile_mode_compiles_once_while_lora2_ranks_move(model, dataset, tmp_path):
-    """Step mode compile: no graph break in our code, and nothing compiles again after the first steps although
-    LoRA²'s ranks move (fixed R_max buffers and masks; version counters are not read inside compiled code)."""
+    """Step mode compile (bf16: the layers' compute-dtype copies in play): no graph break in our code, and nothing
+    compiles again after the first steps although LoRA²'s ranks move (fixed R_max buffers and masks; version
+    counters are not read inside compiled code)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -394,7 +395,7 @@ def test_compile_mode_compiles_once_while_lora2_ranks_move(model, dataset, tmp_p
             seen.setdefault("moves", []).append(e.step)
 
     cfg = config(model, dataset, tmp_path / "run", method="lora2", steps=10, rank_every=0, step_mode="compile",
-                 method_settings={"max_rank": 12, "rho_lr": 0.2, "lambda_e": 0.0})
+                 mixed_precision="bf16", method_settings={"max_rank": 12, "rho_lr": 0.2, "lambda_e": 0.0})
     events = []
     assert train(cfg, emit=lambda e: (events.append(e), watch(e))).state == "finished"
     assert not [e for e in events if isinstance(e, ev.Notice)]

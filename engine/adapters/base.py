@@ -178,15 +178,17 @@ class AdapterLayer(nn.Module):
         if down.dtype == cd and (up is None or up.dtype == cd):
             return down, up
         old = self._shadow
-        if torch.compiler.is_compiling() and old is not None and old[0][0] == cd and (old[2] is None) == (up is None):
+        if (torch.compiler.is_compiling() and old is not None and old[1].dtype == cd
+                and (old[2] is None) == (up is None)):
             # inside torch.compile (step mode compile) the copies are trusted: the trainer refreshes them after
-            # every optimizer step, and reading version counters here would make them guards (a recompile a step)
+            # every optimizer step, and reading the key (version counters, pointers) would make it a guard that
+            # fails every step; the copy's own dtype is tensor metadata, guarded anyway
             return old[1], old[2]
         key = (cd, *_versions(down, up))
         if self._shadow is None or self._shadow[0] != key:
             with torch.no_grad():
                 old = self._shadow
-                if old is not None and old[0][0] == cd and (old[2] is None) == (up is None):
+                if old is not None and old[1].dtype == cd and (old[2] is None) == (up is None):
                     old[1].copy_(down)  # in place: a captured CUDA graph reads these very tensors
                     if up is not None:
                         old[2].copy_(up)
@@ -347,9 +349,9 @@ class AdapterSet:
             key, dc, uc = layer._shadow
             layer._shadow = ((key[0], *_versions(down, None if uc is None else up)), dc, uc)
 
-    def use_compiled_kernels(self, device: torch.device) -> str:
-        """Switch the method's extra per-step maths to torch.compile'd kernels on `device` (LoRA²'s entropy; the
-        trainer asks in its fast step modes). Returns "" or why it stays eager; nothing to do for most methods."""
+    def use_compiled_kernels(self, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+        """Switch the method's extra per-step maths to torch.compile'd kernels for `dtype` activations on `device`
+        (LoRA²'s entropy; the trainer asks in its CUDA-graph mode). Returns "" or why it stays eager."""
         return ""
 
     def reset_step(self) -> None:

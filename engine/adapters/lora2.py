@@ -213,39 +213,47 @@ def token_entropy(q: torch.Tensor, k: torch.Tensor, scale: float, core=attention
     return core(q, k * scale) / math.log(max(q.shape[-2], 2))
 
 
-_COMPILED: dict[str, tuple] = {}  # device type -> (compiled attention_entropy or None, why not), built once
+_COMPILED: dict[tuple, tuple] = {}  # (device type, dtype) -> (compiled attention_entropy or None, why not)
 
 
-def compiled_attention_entropy(device: torch.device) -> tuple:
+def compiled_attention_entropy(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple:
     """(attention_entropy through torch.compile, "") or (None, why). Its softmax, entropy and their gradient fuse
     into a few kernels that read the (B, h, T, N) scores once or twice; eager writes and re-reads several fp32
     copies (~9 ms of an SDXL step).
 
-    Built here, once per process, with dynamic shapes for batch 1 and batch > 1 in the layout the attention
-    processor passes (views of (B, N, h * hd)); a third shape must then run without a recompile. At training
-    time it never compiles again: a call the two builds do not cover runs eagerly (torch.compiler stance
-    eager_on_recompile), so nothing compiles inside a CUDA-graph capture and no recompile limit is ever hit."""
+    Built here, once per process and dtype, with dynamic shapes for batch 1 and batch > 1 in the layout the
+    attention processor passes (views of (B, N, h * hd), both requiring grad); a third shape must then run without
+    a recompile. At training time it never compiles again: a call the builds do not cover (another dtype, keys of
+    an unadapted to_k) runs eagerly (torch.compiler stance eager_on_recompile), so nothing compiles inside a
+    CUDA-graph capture and no recompile limit is ever hit. The build leaves the seeded RNG streams untouched."""
     if device.type != "cuda":
         return None, f"compiled entropy runs on CUDA only (training on {device.type})"
     if not hasattr(torch.compiler, "set_stance"):
         return None, f"compiled entropy needs torch.compiler.set_stance (torch >= 2.6; this is {torch.__version__})"
-    if device.type not in _COMPILED:
+    key = (device.type, dtype)
+    if key not in _COMPILED:
         try:
-            _COMPILED[device.type] = (build_compiled_entropy(device), "")
+            _COMPILED[key] = (build_compiled_entropy(device, dtype), "")
         except Exception as e:  # inductor and its compiler toolchain raise many types: any of them means eager
-            _COMPILED[device.type] = (None, f"torch.compile of the entropy failed ({type(e).__name__}: "
-                                            f"{str(e)[:200]}); it runs eagerly")
-    return _COMPILED[device.type]
+            _COMPILED[key] = (None, f"torch.compile of the entropy failed ({type(e).__name__}: {str(e)[:200]}); "
+                                    "it runs eagerly")
+    return _COMPILED[key]
+
+
+def forget_compiled_entropy() -> None:
+    """After torch._dynamo.reset() the builds hold no code any more: build again when next asked."""
+    _COMPILED.clear()
 
 
 def build_compiled_entropy(device: torch.device, dtype: torch.dtype = torch.bfloat16):
     """The compiled attention_entropy behind compiled_attention_entropy (any device: the CPU tests use it)."""
     fn = torch.compile(attention_entropy, dynamic=True, fullgraph=True)
+    gen = torch.Generator(device).manual_seed(0)  # its own stream: the run's seeded draws stay as they were
 
     def views(b: int, n: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         h, hd = 2, 8
-        q = torch.randn(b, n, h * hd, device=device, dtype=dtype, requires_grad=True)
-        k = torch.randn(b, t, h * hd, device=device, dtype=dtype, requires_grad=True)
+        q = torch.randn(b, n, h * hd, device=device, generator=gen).to(dtype).requires_grad_()
+        k = torch.randn(b, t, h * hd, device=device, generator=gen).to(dtype).requires_grad_()
         # as the processor passes them: q a transposed view, the scaled keys a new tensor with transposed strides
         return q.view(b, n, h, hd).transpose(1, 2), k.view(b, t, h, hd).transpose(1, 2) * 0.35
 
@@ -256,7 +264,9 @@ def build_compiled_entropy(device: torch.device, dtype: torch.dtype = torch.bflo
             fn(*views(3, 40, 7)).backward()
 
     def run(q: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
-        with torch.compiler.set_stance("eager_on_recompile"):
+        # autocast off: the inputs are already in the compute dtype and the softmax asks for fp32 itself, and an
+        # autocast state the build did not see would not match its guards (bf16_autocast)
+        with torch.compiler.set_stance("eager_on_recompile"), torch.autocast(q.device.type, enabled=False):
             return fn(q, ks)
 
     run.compiled = fn
@@ -340,10 +350,10 @@ class LoRA2Set(AdapterSet):
         for layer, row in zip(layers, lam.unbind(0), strict=True):
             layer._lam = (row, layer.rho._version, layer.active._version)
 
-    def use_compiled_kernels(self, device: torch.device) -> str:
+    def use_compiled_kernels(self, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
         if not self._saved_processors:  # no entropy term
             return ""
-        fn, why = compiled_attention_entropy(device)
+        fn, why = compiled_attention_entropy(device, dtype)
         self._entropy_options["entropy"] = fn
         return why
 
