@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     marks = {}
 
     syncs: dict[str, int] = {}
+    default_showwarning = warnings.showwarning
 
     def on_warning(message, category, filename, lineno, file=None, line=None):
         stack = "".join(traceback.format_stack(limit=14)[:-2])
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
         if args.sync_debug and isinstance(e, ev.Step) and e.step in (8, 13):
             if cuda:
                 torch.cuda.set_sync_debug_mode("warn" if e.step == 8 else "default")
-            warnings.showwarning = on_warning if e.step == 8 else warnings.showwarning
+            warnings.showwarning = on_warning if e.step == 8 else default_showwarning
             warnings.simplefilter("always")
             return
         if isinstance(e, ev.Step) and e.step in (8, 13):

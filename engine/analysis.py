@@ -79,22 +79,32 @@ def grouped_spectra(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], ro
     route: "qr" (cheap_svd), "gram" (gram_svd where r <= min(d, k), every real adapter; QR otherwise) or "auto":
     gram on CUDA, where batched QR and SVD loop over the matrices, QR elsewhere (fp64 products cost more on a CPU).
     """
-    if route not in ("auto", "qr", "gram"):
-        raise ValueError(f"route must be auto, qr or gram, got {route!r}")
-    groups: dict[tuple, list[str]] = defaultdict(list)
-    for name, (up, down) in factors.items():
-        groups[(tuple(up.shape), tuple(down.shape), up.device)].append(name)
     out = []
-    for (ushape, dshape, device), names in groups.items():
-        ups = torch.stack([factors[n][0].detach() for n in names])
-        downs = torch.stack([factors[n][1].detach() for n in names])
-        d, r, k = ushape[0], ushape[1], dshape[1]
-        gram = route == "gram" or (route == "auto" and device.type == "cuda")
-        if gram and r <= min(d, k):
-            out.append((names, Spectrum(*gram_svd(ups, downs, eig_device_for(r, device)))))
+    for names, ups, downs, gram in _stacked_groups(factors, route):
+        if gram:
+            out.append((names, Spectrum(*gram_svd(ups, downs, eig_device_for(ups.shape[-1], ups.device)))))
         else:
             out.append((names, Spectrum(*cheap_svd(ups, downs))))
     return out
+
+
+def _shape_groups(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[tuple, list[str]]:
+    """Layer names grouped by (up shape, down shape, device): the layers one batched call can take."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name, (up, down) in factors.items():
+        groups[(tuple(up.shape), tuple(down.shape), up.device)].append(name)
+    return groups
+
+
+def _stacked_groups(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], route: str):
+    """(names, stacked ups, stacked downs, whether the gram route applies) per shape group."""
+    if route not in ("auto", "qr", "gram"):
+        raise ValueError(f"route must be auto, qr or gram, got {route!r}")
+    for (ushape, dshape, device), names in _shape_groups(factors).items():
+        d, r, k = ushape[0], ushape[1], dshape[1]
+        gram = (route == "gram" or (route == "auto" and device.type == "cuda")) and r <= min(d, k)
+        yield (names, torch.stack([factors[n][0].detach() for n in names]),
+               torch.stack([factors[n][1].detach() for n in names]), gram)
 
 
 def grams(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,11 +141,8 @@ def grouped_grams(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], chun
     """(names, ga (n, r, r), gb (n, r, r)) per shape group, on the factors' device, with no host sync. Stacked
     and cast to fp64 a chunk of layers at a time (at most `chunk_bytes` of fp64 factors), so that a rank log
     during training adds little to the peak memory."""
-    groups: dict[tuple, list[str]] = defaultdict(list)
-    for name, (up, down) in factors.items():
-        groups[(tuple(up.shape), tuple(down.shape), up.device)].append(name)
     out = []
-    for (ushape, dshape, _), names in groups.items():
+    for (ushape, dshape, _), names in _shape_groups(factors).items():
         step = max(1, chunk_bytes // (8 * (ushape[0] * ushape[1] + dshape[0] * dshape[1])))
         parts = [grams(torch.stack([factors[n][0].detach() for n in names[i:i + step]]),
                        torch.stack([factors[n][1].detach() for n in names[i:i + step]]))
@@ -179,18 +186,11 @@ def grouped_singular_values(factors: Mapping[str, tuple[torch.Tensor, torch.Tens
                             ) -> list[tuple[list[str], torch.Tensor]]:
     """grouped_spectra's S alone ((names, S (n, r')) per shape group): what rank curves need, at a fraction of
     the cost (no U or V; on the QR route only the R factors and singular values of the r x r core)."""
-    if route not in ("auto", "qr", "gram"):
-        raise ValueError(f"route must be auto, qr or gram, got {route!r}")
-    groups: dict[tuple, list[str]] = defaultdict(list)
-    for name, (up, down) in factors.items():
-        groups[(tuple(up.shape), tuple(down.shape), up.device)].append(name)
     out = []
-    for (ushape, dshape, device), names in groups.items():
-        ups = torch.stack([factors[n][0].detach() for n in names]).float()
-        downs = torch.stack([factors[n][1].detach() for n in names]).float()
-        d, r, k = ushape[0], ushape[1], dshape[1]
-        if (route == "gram" or (route == "auto" and device.type == "cuda")) and r <= min(d, k):
-            out.append((names, gram_singular_values(ups, downs, eig_device_for(r, device))))
+    for names, ups, downs, gram in _stacked_groups(factors, route):
+        ups, downs = ups.float(), downs.float()
+        if gram:
+            out.append((names, gram_singular_values(ups, downs, eig_device_for(ups.shape[-1], ups.device))))
         else:
             rb = torch.linalg.qr(ups, mode="r")[1]
             ra = torch.linalg.qr(downs.transpose(-1, -2), mode="r")[1]

@@ -178,17 +178,16 @@ class AdapterLayer(nn.Module):
         if down.dtype == cd and (up is None or up.dtype == cd):
             return down, up
         old = self._shadow
-        if (torch.compiler.is_compiling() and old is not None and old[1].dtype == cd
-                and (old[2] is None) == (up is None)):
+        same_form = old is not None and old[1].dtype == cd and (old[2] is None) == (up is None)
+        if same_form and torch.compiler.is_compiling():
             # inside torch.compile (step mode compile) the copies are trusted: the trainer refreshes them after
             # every optimizer step, and reading the key (version counters, pointers) would make it a guard that
             # fails every step; the copy's own dtype is tensor metadata, guarded anyway
             return old[1], old[2]
         key = (cd, *_versions(down, up))
-        if self._shadow is None or self._shadow[0] != key:
+        if old is None or old[0] != key:
             with torch.no_grad():
-                old = self._shadow
-                if old is not None and old[1].dtype == cd and (old[2] is None) == (up is None):
+                if same_form:
                     old[1].copy_(down)  # in place: a captured CUDA graph reads these very tensors
                     if up is not None:
                         old[2].copy_(up)
@@ -430,8 +429,14 @@ class AdapterSet:
         ranks = dict(zip([n for names, _ in groups for n in names], map(int, host), strict=True))
         return {n: ranks[n] for n in self.layers}
 
+    @torch.no_grad()
     def native_ranks(self) -> dict[str, int]:
-        return {name: layer.native_rank() for name, layer in self.layers.items()}
+        """Every layer's native rank: one host read of device_native_ranks() where the method has it (a stale
+        per-layer cache or one sync per layer otherwise), else each layer's host value."""
+        counts = self.device_native_ranks()
+        if counts is None:
+            return {name: layer.native_rank() for name, layer in self.layers.items()}
+        return dict(zip(self.layers, map(int, counts.tolist()), strict=True))
 
     def device_native_ranks(self) -> torch.Tensor | None:
         """Native ranks of all layers (in layer order) as one device tensor, for methods that compute them on the

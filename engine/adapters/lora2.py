@@ -407,13 +407,8 @@ class LoRA2Set(AdapterSet):
         return self._groups[1]
 
     @torch.no_grad()
-    def native_ranks(self) -> dict[str, int]:
-        """D of every layer with one host read (each layer's own cache is stale after a sync-free update)."""
-        counts = self.device_native_ranks()
-        return {} if counts is None else dict(zip(self.layers, map(int, counts.tolist()), strict=True))
-
-    @torch.no_grad()
     def device_native_ranks(self) -> torch.Tensor | None:
+        """D of every layer: its active slots (each layer's own cache is stale after a sync-free update)."""
         if not self.layers:
             return None
         return torch.stack([layer.active for layer in self.layers.values()]).sum(1)

@@ -71,13 +71,8 @@ class TriLoRASet(AdapterSet):
     folds_vectors = True
 
     @torch.no_grad()
-    def native_ranks(self) -> dict[str, int]:
-        """Every layer's native rank in a few batched ops per shape group and one host read (not one per layer)."""
-        counts = self.device_native_ranks()
-        return {} if counts is None else dict(zip(self.layers, map(int, counts.tolist()), strict=True))
-
-    @torch.no_grad()
     def device_native_ranks(self) -> torch.Tensor | None:
+        """Every layer's component count in a few batched ops per shape group (not one sync per layer)."""
         layers = list(self.layers.values())
         if not layers:
             return None
