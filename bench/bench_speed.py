@@ -175,10 +175,15 @@ def graphed(core, before):
 
 def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, rank=16, method=None, mode="bf16",
              checkpointing=False, fused=True, graphs=False, results=None, extra=None, op="chain", clip=False,
-             rank_updates: bool | str = "sync-free", compiled_kernels: bool | None = None):
+             rank_updates: bool | str = "sync-free", grads_in_place: bool = True, batched_entropy: bool = True,
+             resize_chunk: int = 0):
     from engine.adapters import fused as fused_module
+    from engine.adapters import lora2 as lora2_module
 
     fused_module.FORWARD = op  # the fused op's form (see engine/adapters/fused.py); restored below
+    chunk = lora2_module.RESIZE_CHUNK_BYTES
+    if resize_chunk:
+        lora2_module.RESIZE_CHUNK_BYTES = resize_chunk
     unet = unet_fn()
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -204,18 +209,14 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
         adapters = inject(unet, make_config(method, rank=rank, **extra))
         for layer in adapters.layers.values():
             layer.fused = fused
-        if compiled_kernels is None:
-            compiled_kernels = graphs  # as the trainer: its CUDA-graph mode compiles LoRA²'s entropy too
-        if compiled_kernels and device == "cuda":
-            t0 = time.perf_counter()
-            why = adapters.use_compiled_kernels(torch.device(device))
-            if method == "lora2":
-                print(f"{name}: compiled entropy {'not used: ' + why if why else 'built'} "
-                      f"({time.perf_counter() - t0:.1f} s)", flush=True)
+        adapters.set_grads_in_place(grads_in_place)  # as the trainer in one process
+        if method == "lora2":
+            adapters._entropy_options["batched"] = batched_entropy
         step = train_step(unet, inputs, adapters.param_groups(1e-4), autocast, device, adapters, graphs, clip,
                           rank_updates)
     sec, peak = time_steps(step, device, warmup, steps, reset_peak=not graphs)
     fused_module.FORWARD = "chain"
+    lora2_module.RESIZE_CHUNK_BYTES = chunk
     row = {"name": name, "arch": arch, "batch": batch, "kind": kind, "method": method or kind, "rank": rank,
            "mode": mode + (" graph" if graphs else ""), "checkpointing": checkpointing, "fused": fused,
            "step_s": sec, "peak_gib": peak}
@@ -272,10 +273,20 @@ def ablation() -> list[tuple[str, dict]]:
             ("lora r16 graph", dict(method="lora", **g)),
             ("lora r16 graph + clip", dict(method="lora", clip=True, **g)),
             ("lora r16 graph, merged-weight op", dict(method="lora", op="merged", **g)),
+            ("lora r16 graph, gradients returned to autograd", dict(method="lora", grads_in_place=False, **g)),
+            ("lora r64 graph", dict(method="lora", **{**g, "rank": 64})),
+            ("lora r64 graph, gradients returned to autograd", dict(method="lora", grads_in_place=False,
+                                                                    **{**g, "rank": 64})),
             ("tri_lora r16 graph", dict(method="tri_lora", **g)),
+            ("tri_lora r64 graph", dict(method="tri_lora", **{**g, "rank": 64})),
+            ("tri_lora r64 graph, gradients returned to autograd", dict(method="tri_lora", grads_in_place=False,
+                                                                        **{**g, "rank": 64})),
             ("lora2 r16 graph", dict(method="lora2", **g)),
             ("lora2 r16 graph, no entropy", dict(method="lora2", extra={"lambda_e": 0.0}, **g)),
-            ("lora2 r16 graph, eager entropy", dict(method="lora2", compiled_kernels=False, **g)),
+            ("lora2 r16 graph, gradients returned to autograd", dict(method="lora2", grads_in_place=False, **g)),
+            ("lora2 r16 graph, entropy per layer", dict(method="lora2", batched_entropy=False, **g)),
+            ("lora2 r64 graph", dict(method="lora2", **{**g, "rank": 64})),
+            ("lora2 r64 graph, unchunked resize", dict(method="lora2", resize_chunk=1 << 40, **{**g, "rank": 64})),
             ("lora2 r16 graph, no rank reg", dict(method="lora2", extra={"lambda_r": 0.0}, **g)),
             ("lora2 r16 graph, no rank updates", dict(method="lora2", rank_updates=False, **g)),
             ("lora2 r16 graph, synced rank updates", dict(method="lora2", rank_updates=True, **g)),

@@ -52,7 +52,4 @@ def first_step_with_fallback(step: Callable[[], T], unet: nn.Module, state: Comp
         log.warning("torch.compile failed, training continues in eager mode: %s", e)
         uncompile(unet)
         torch._dynamo.reset()
-        from engine.adapters.lora2 import forget_compiled_entropy
-
-        forget_compiled_entropy()  # its builds went with the reset
         return step(), CompileState(False, f"compile failed: {type(e).__name__}: {str(e)[:200]}")

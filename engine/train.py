@@ -98,8 +98,8 @@ def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
     compiled = speed.compile_blocks(pipe.unet) if mode == "compile" else None
     if compiled is not None and not compiled.enabled:
         mode, notice = "eager", compiled.reason
-    if mode == "cuda_graph":  # the method's extra maths compiled too (LoRA²'s entropy; mode compile traces it inline)
-        notice = "; ".join(filter(None, [notice, adapters.use_compiled_kernels(acc.device, pipe.unet.dtype)]))
+    # the factors' gradients added into .grad by the backward's own GEMMs (DDP's hooks need autograd to deliver them)
+    adapters.set_grads_in_place(mode != "compile" and acc.num_processes == 1)
     groups = adapters.param_groups(cfg.lr, cfg.weight_decay)
     # fused AdamW: one kernel for all tensors; capturable: state a CUDA graph can step (fp16 keeps the plain one,
     # which accelerate's loss scaler has always driven)
@@ -314,6 +314,7 @@ def train(config: TrainConfig, emit: Emit | None = None, stop: threading.Event |
     finally:
         if s is not None:
             s.graphed = None  # its graphs hold the step's activation memory
+            s.adapters.set_grads_in_place(False)
         if pipeline is not None and s is not None:
             _release(s)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 
 import pytest
 import torch
@@ -523,16 +522,6 @@ def test_tri_lora_batched_native_ranks_equal_each_layers_own():
     assert list(batched.values()) == [5, 4, 3, 2]
 
 
-def test_lora2_compiled_entropy_stays_off_the_cpu_and_says_why():
-    from test_adapters import tiny_unet as build
-
-    adapters = inject(build(), make_config("lora2", rank=2, max_rank=4))
-    why = adapters.use_compiled_kernels(torch.device("cpu"))
-    assert "CUDA only" in why and adapters._entropy_options.get("entropy") is None
-    assert inject(build(), make_config("lora2", rank=2, max_rank=4, lambda_e=0.0)).use_compiled_kernels(
-        torch.device("cpu")) == ""  # no entropy term, nothing to compile
-
-
 def _processor_views(b, n, t, h, hd, device="cpu", dtype=torch.float32, seed=0):
     """q and k as the attention processor passes them: transposed views of (B, N, h * hd) projections."""
     g = torch.Generator(device).manual_seed(seed)
@@ -541,59 +530,82 @@ def _processor_views(b, n, t, h, hd, device="cpu", dtype=torch.float32, seed=0):
     return q, k, q.view(b, n, h, hd).transpose(1, 2), k.view(b, t, h, hd).transpose(1, 2)
 
 
-def _entropy_and_grads(fn, q, k, qv, kv, scale):
-    q.grad = k.grad = None
-    value = fn(qv, kv * scale)
-    value.backward()
-    return value.detach().float(), q.grad.float(), k.grad.float()
+def test_lora2_group_entropy_equals_per_layer_entropy_and_keeps_no_maps():
+    """batched_token_entropies (one GroupEntropy per shape group, hand-written backward) gives every layer's
+    token_entropy and the same gradients for q and k, in float64, over mixed shapes; it keeps only q, k and the
+    row entropies for the backward, no (B, h, T, N) maps."""
+    from engine.adapters.lora2 import GroupEntropy, batched_token_entropies, token_entropy
+
+    shapes = [(2, 48, 7, 3, 8), (2, 48, 7, 3, 8), (1, 30, 5, 2, 4), (2, 48, 7, 3, 8), (1, 30, 5, 2, 4)]
+    views = [_processor_views(*sh, dtype=torch.float64, seed=i) for i, sh in enumerate(shapes)]
+    scale = 0.3
+    ref = [token_entropy(qv, kv, scale) for _, _, qv, kv in views]
+    torch.autograd.backward(ref, [torch.full_like(r, float(i + 1)) for i, r in enumerate(ref)])
+    ref_grads = [(q.grad.clone(), k.grad.clone()) for q, k, _, _ in views]
+    for q, k, _, _ in views:
+        q.grad = k.grad = None
+    got = batched_token_entropies([(qv, kv, scale) for _, _, qv, kv in views])
+    # groups in first-seen order: layers 0, 1, 3 then 2, 4
+    order = [0, 1, 3, 2, 4]
+    for pos, i in enumerate(order):
+        assert float(got[pos]) == pytest.approx(float(ref[i]), rel=1e-12)
+    torch.autograd.backward(got, [torch.full_like(got[pos], float(i + 1)) for pos, i in enumerate(order)])
+    for (q, k, _, _), (gq, gk) in zip(views, ref_grads, strict=True):
+        assert torch.allclose(q.grad, gq, rtol=1e-9, atol=1e-12) and torch.allclose(k.grad, gk, rtol=1e-9, atol=1e-12)
+
+    q = torch.randn(3, 4, 64, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 4, 7, 8, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        GroupEntropy.apply(q, k, scale)
+    assert sum(saved) <= q.numel() + k.numel() + 3 * 4 * 7  # inputs and row entropies: no 3 x 4 x 7 x 64 map
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
-def test_lora2_compiled_entropy_serves_every_shape_from_one_build_on_cpu():
-    """The compiled entropy (built as on a GPU, here on the CPU) gives the eager value and gradients for shapes it
-    was not built on (batch 1 and 4, SD-like heads and head sizes) without compiling again; an input it does not
-    cover (a contiguous q) runs eagerly instead of recompiling."""
-    from engine.adapters.lora2 import attention_entropy, build_compiled_entropy
+def test_lora2_batched_entropy_term_equals_the_per_layer_one():
+    """On a model: the set's batched entropy term equals the per-layer one, loss terms and every gradient."""
+    from test_adapters import inputs, tiny_unet
 
-    torch.manual_seed(5)
-    expected = torch.randn(3)
-    torch.manual_seed(5)
-    run = build_compiled_entropy(torch.device("cpu"), torch.float32)
-    assert torch.equal(torch.randn(3), expected)  # the build draws from its own generator, not the run's
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.compiler.set_stance("fail_on_recompile"):
-        q, k, qv, kv = _processor_views(2, 30, 7, 2, 8)
-        run(qv, kv)  # the wrapper turns autocast off: covered by the build, no recompile
-    for shape in [(1, 64, 77, 5, 64), (4, 256, 77, 8, 40), (2, 100, 3, 2, 8)]:
-        q, k, qv, kv = _processor_views(*shape)
-        with torch.compiler.set_stance("fail_on_recompile"):  # raises if the build does not cover this call
-            vc, qc, kc = _entropy_and_grads(run.compiled, q, k, qv, kv, 0.125)
-        ve, qe, ke = _entropy_and_grads(attention_entropy, q, k, qv, kv, 0.125)
-        assert torch.allclose(vc, ve, rtol=1e-5) and 0 < float(ve)
-        assert torch.allclose(qc, qe, rtol=1e-4, atol=1e-7) and torch.allclose(kc, ke, rtol=1e-4, atol=1e-7)
-    q = torch.randn(2, 3, 50, 8)  # contiguous, not a view: not covered by the build
-    k = torch.randn(2, 3, 7, 8)
-    with torch.compiler.set_stance("fail_on_recompile"):
-        with pytest.raises(RuntimeError, match="recompile"):
-            run.compiled(q, k)
-        assert float(run(q, k)) == pytest.approx(float(attention_entropy(q, k)), rel=1e-6)  # eager instead
+    out = []
+    for batched in (True, False):
+        unet = tiny_unet().train()
+        ad = inject(unet, make_config("lora2", rank=4, max_rank=8, lambda_e=1.0, seed=1))
+        ad._entropy_options["batched"] = batched
+        with torch.no_grad():
+            for p in ad.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) * 0.05)
+        x, t, c = inputs()
+        ad.reset_step()
+        loss = unet(x, t, c).sample.pow(2).mean()
+        assert any(isinstance(e, tuple) for e in ad._entropies) is batched
+        extra, terms = ad.extra_loss()
+        (loss + extra).backward()
+        out.append((float(terms["entropy"]), [p.grad.clone() for p in ad.parameters() if p.grad is not None]))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6) and 0 < out[0][0] <= 1
+    assert len(out[0][1]) == len(out[1][1]) > 0
+    for a, b in zip(out[0][1], out[1][1], strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.gpu
-def test_gpu_compiled_entropy_equals_the_eager_one():
-    """The torch.compile'd entropy (the trainer's CUDA-graph and compile modes) gives the eager value and gradients
-    on SDXL- and SD1.5-sized maps in bf16, from its one build (no compile at training time)."""
-    from engine.adapters.lora2 import attention_entropy, compiled_attention_entropy
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_group_entropy_equals_the_eager_one():
+    """GroupEntropy on SDXL- and SD1.5-sized maps in bf16 gives the eager per-layer value and gradients."""
+    from engine.adapters.lora2 import batched_token_entropies, token_entropy
 
-    run, why = compiled_attention_entropy(torch.device("cuda"))
-    assert run is not None, why
     for shape in [(1, 4096, 77, 10, 64), (1, 1024, 77, 20, 64), (4, 1024, 77, 8, 40)]:
-        q, k, qv, kv = _processor_views(*shape, device="cuda", dtype=torch.bfloat16)
-        with torch.compiler.set_stance("fail_on_recompile"):
-            vc, qc, kc = _entropy_and_grads(run.compiled, q, k, qv, kv, shape[-1] ** -0.5)
-        ve, qe, ke = _entropy_and_grads(attention_entropy, q, k, qv, kv, shape[-1] ** -0.5)
-        assert torch.allclose(vc, ve, rtol=1e-3), (shape, float(vc), float(ve))
-        for a, c in ((qe, qc), (ke, kc)):
-            assert float((c - a).norm() / a.norm()) < 2e-2, shape
+        views = [_processor_views(*shape, device="cuda", dtype=torch.bfloat16, seed=i) for i in range(3)]
+        scale = shape[-1] ** -0.5
+        ref = torch.stack([token_entropy(qv, kv, scale) for _, _, qv, kv in views]).sum()
+        ref.backward()
+        want = [(q.grad.float(), k.grad.float()) for q, k, _, _ in views]
+        for q, k, _, _ in views:
+            q.grad = k.grad = None
+        got = torch.stack(batched_token_entropies([(qv, kv, scale) for _, _, qv, kv in views])).sum()
+        got.backward()
+        assert float(got) == pytest.approx(float(ref), rel=2e-3), shape
+        for (q, k, _, _), (gq, gk) in zip(views, want, strict=True):
+            for a, c in ((gq, q.grad.float()), (gk, k.grad.float())):
+                assert float((c - a).norm() / a.norm()) < 2e-2, shape
 
 
 @pytest.mark.parametrize("route", ["qr", "gram"])

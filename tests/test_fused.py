@@ -66,6 +66,59 @@ def test_fused_bf16_base_fp32_adapter_close_to_reference(method):
         assert rel(a, b) < 2e-2
 
 
+def _accumulated(model, adapters, xs, in_place: bool, zeros: bool):
+    """Gradients after one backward per input in xs, starting from None or (zeros) from zero tensors."""
+    adapters.set_grads_in_place(in_place)
+    for p in adapters.parameters():
+        p.grad = torch.zeros_like(p) if zeros else None
+    for x in xs:
+        model(x).float().sin().sum().backward()
+    adapters.set_grads_in_place(False)
+    return [p.grad.clone() for p in adapters.parameters()]
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+@pytest.mark.parametrize("method", ["lora", "ac_lora", "tri_lora", "lora2"])
+def test_gradients_added_in_place_equal_returned_gradients(method, zeros):
+    """grads_in_place: the backward adds A's and B's gradients into .grad itself (first use allocates them); over
+    two backwards (gradient accumulation) every gradient equals autograd's, in float64 and with s != 1."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 9)).double()
+    ad = inject(model, make_config(method, rank=3, targets="0,1", alpha=6.0, **EXTRA.get(method, {})),
+                adapter_dtype=torch.float64)
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    xs = [torch.randn(2, 4, 12, dtype=torch.float64) for _ in range(2)]
+    ref = _accumulated(model, ad, xs, False, zeros)
+    got = _accumulated(model, ad, xs, True, zeros)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
+    # the leaf factors the fused op receives (LoRA's A and B, TriLoRA's and LoRA²'s A; their B arrives folded)
+    # took the in-place way: autograd delivers no gradient for them
+    leaves = [layer.down_up()[0] for layer in ad.layers.values()]
+    if method in ("lora", "ac_lora"):
+        leaves += [layer.down_up()[1] for layer in ad.layers.values()]
+    ad.set_grads_in_place(True)
+    assert all(g is None for g in torch.autograd.grad(model(xs[0]).sum(), leaves, allow_unused=True))
+    ad.set_grads_in_place(False)
+    assert all(g is not None for g in torch.autograd.grad(model(xs[0]).sum(), leaves, allow_unused=True))
+
+
+def test_gradients_in_place_bf16_compute_fp32_masters():
+    """bf16 activations, fp32 masters: the in-place gradients equal autograd's (CPU path: product then add)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 48)).to(torch.bfloat16)
+    ad = inject(model, make_config("lora", rank=8, targets="0"))
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    xs = [torch.randn(3, 64, dtype=torch.bfloat16) for _ in range(2)]
+    ref, got = _accumulated(model, ad, xs, False, True), _accumulated(model, ad, xs, True, True)
+    for a, b in zip(got, ref, strict=True):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["lora", "tri_lora"])
 def test_compute_copies_follow_the_masters(method):
     torch.manual_seed(2)
@@ -142,3 +195,24 @@ def test_cuda_bf16_fused_path_close_to_fp64_reference(method):
     assert all(g.dtype == torch.float32 for g in grads)
     for a, b in zip(grads, grads_ref, strict=True):
         assert rel(a, b) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["lora", "tri_lora", "lora2"])
+def test_cuda_gradients_in_place_equal_returned(method):
+    """On CUDA the in-place gradient is one addmm with out_dtype fp32 writing into .grad (C = D): equal to autograd's
+    returned gradient added by AccumulateGrad, from None and from existing gradients."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(256, 192), nn.Linear(192, 128)).to("cuda", torch.bfloat16)
+    extra = {"max_rank": 24} if method == "lora2" else {}
+    ad = inject(model, make_config(method, rank=16, targets="0,1", alpha=8.0, **extra))
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    xs = [torch.randn(2, 64, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    for zeros in (False, True):
+        ref, got = _accumulated(model, ad, xs, False, zeros), _accumulated(model, ad, xs, True, zeros)
+        for a, b in zip(got, ref, strict=True):
+            assert a.dtype == torch.float32
+            assert float((a - b).norm() / b.norm().clamp_min(1e-30)) < 1e-5

@@ -96,6 +96,7 @@ class AdapterLayer(nn.Module):
         self.scale = config.scale
         self.merged = False
         self.fused = True  # one fused autograd op per Linear (engine/adapters/fused.py); False: separate ops
+        self.grads_in_place = False  # the fused op adds the factors' gradients into .grad itself (the trainer)
         self._shadow = None  # (key, A, B in the compute dtype), see compute_copies
         self._folded = None  # (s B diag(v), its compute-dtype copy, (grad mode, dtype), fold_key()): fold_vectors
 
@@ -143,7 +144,7 @@ class AdapterLayer(nn.Module):
             if vec is None:
                 down_c, up_c = self.compute_copies(down, up, cd)
                 return lowrank_linear(x.to(cd), self.base.weight, self.base.bias, down, up, None, self.scale,
-                                      down_c, up_c)
+                                      down_c, up_c, self.grads_in_place)
             # TriLoRA / LoRA²: fold s diag(v) into B first (autograd on d x r) so that the fused op runs the plain
             # LoRA chain, with no extra work on the N x r activations. Inside a model forward the set has folded
             # every layer at once (AdapterSet.fold_vectors); a lone layer call folds itself.
@@ -155,7 +156,8 @@ class AdapterLayer(nn.Module):
                 up_v = fold_vector(up, vec, self.scale)
                 up_vc = up_v.detach().to(cd)
             down_c, _ = self.compute_copies(down, None, cd)
-            return lowrank_linear(x.to(cd), self.base.weight, self.base.bias, down, up_v, None, 1.0, down_c, up_vc)
+            return lowrank_linear(x.to(cd), self.base.weight, self.base.bias, down, up_v, None, 1.0, down_c, up_vc,
+                                  self.grads_in_place)
         y = self.base(x)
         dtype = self.param_dtype
         if x.dtype != dtype and not autocast:
@@ -348,10 +350,12 @@ class AdapterSet:
             key, dc, uc = layer._shadow
             layer._shadow = ((key[0], *_versions(down, None if uc is None else up)), dc, uc)
 
-    def use_compiled_kernels(self, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
-        """Switch the method's extra per-step maths to torch.compile'd kernels for `dtype` activations on `device`
-        (LoRA²'s entropy; the trainer asks in its CUDA-graph mode). Returns "" or why it stays eager."""
-        return ""
+    def set_grads_in_place(self, on: bool) -> None:
+        """Let the fused op add A's and B's gradients into .grad itself (engine/adapters/fused.py): one kernel less
+        per leaf factor and backward (TriLoRA's and LoRA²'s B reach the op folded, through autograd). Only for a training loop that reads .grad after backward in one process:
+        torch.autograd.grad and DDP's hooks would not see these gradients."""
+        for layer in self.layers.values():
+            layer.grads_in_place = bool(on)
 
     def reset_step(self) -> None:
         """Forget per-forward records (LoRA²'s attention entropies) left by sampling or a checkpoint recompute."""

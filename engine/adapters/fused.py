@@ -7,6 +7,11 @@ Two forms, same maths (FORWARD picks one; the bench times both):
 - "chain" (default): y = x W^T + b, then y += s (x A^T) B^T in place (addmm_); h = x A^T is kept for the
   backward, where grad_x = g W, then grad_x += s (g B) A in place. 3 kernels forward, 5 backward. With a
   per-rank vector v (TriLoRA's sigma, LoRA²'s weights), v's gradient is the diagonal of (g B)^T h.
+  With `grads_in_place` (the trainer, one process) the factors' gradients are accumulated by the GEMM itself
+  straight into A.grad and B.grad (beta = 1, fp32 accumulation of the bf16 product) instead of being returned:
+  autograd would otherwise add each returned gradient into .grad with one more kernel per parameter (1,120 on
+  SDXL), the same "gradient accumulation fusion" large-model trainers use. Off under torch.compile, under DDP
+  (its hooks wait for autograd to deliver every gradient) and for callers of torch.autograd.grad.
 - "merged": the forward forms W + s B A with one addmm and runs the layer's own matmul; the backward recomputes
   the merged weight. On CUDA an out-of-place addmm first copies its d x k input (a memcpy per call), so this
   costs 3 forward and 7 backward launches, and reads/writes d x k twice.
@@ -36,11 +41,30 @@ def _scaled_up(up: torch.Tensor, vec: torch.Tensor | None, scale: float, dtype: 
 FORWARD = "chain"
 
 
+def _into_grad(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """param.grad += alpha * a @ b with the GEMM accumulating in place (allocated on first use); a, b in the compute
+    dtype, param.grad in the master dtype."""
+    g = param.grad
+    if g is None:
+        out = _mm_to(a, b, param.dtype)
+        param.grad = out.mul_(alpha) if alpha != 1 else out
+    elif g.dtype == a.dtype:
+        g.addmm_(a, b, alpha=alpha)
+    elif g.is_cuda and g.dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(g, a, b, out_dtype=torch.float32, alpha=alpha, out=g)  # one cuBLAS call, C = D = the grad
+    else:
+        g.add_(_mm_to(a, b, g.dtype), alpha=alpha)
+
+
+def _accumulates(t: torch.Tensor) -> bool:
+    return t.is_leaf and t.requires_grad
+
+
 class ChainLowRankLinear(torch.autograd.Function):
     """Same contract as MergedLowRankLinear; the low-rank chain is added in place to the base output."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, vec, scale, down_c, up_c):
+    def forward(ctx, x, weight, bias, down, up, vec, scale, down_c, up_c, in_place=False):
         down_c = down if down_c is None else down_c
         up_c = up if up_c is None else up_c
         with torch.autocast(x.device.type, enabled=False):
@@ -54,6 +78,9 @@ class ChainLowRankLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight, down_c, up_c, vec, h)  # h before diag(v): the backward needs both forms
         ctx.scale = scale
         ctx.master_dtypes = (down.dtype, up.dtype)
+        # the masters whose gradient the backward adds into .grad itself (see the module doc): plain references
+        in_place = in_place and vec is None and not torch.compiler.is_compiling()
+        ctx.into = (down if in_place and _accumulates(down) else None, up if in_place and _accumulates(up) else None)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -72,21 +99,29 @@ class ChainLowRankLinear(torch.autograd.Function):
                 grad_x = g2 @ weight.to(cd)
                 grad_x.addmm_(gbs, downc, alpha=s)
                 grad_x = grad_x.view(x.shape)
-            grad_up = _mm_to(g2.T, h, up_dtype)  # (d, r): diag(v) and s scale its columns, a small op
-            if vec is not None:
-                grad_up = grad_up * (vec * s if s != 1 else vec).to(up_dtype)
-            elif s != 1:
-                grad_up = grad_up * s
-            grad_down = _mm_to(gbs.T, x2, down_dtype)
-            if s != 1:
-                grad_down = grad_down * s
+            into_down, into_up = ctx.into
+            grad_up = grad_down = None
+            if into_up is not None:
+                _into_grad(into_up, g2.T, h, s)
+            else:
+                grad_up = _mm_to(g2.T, h, up_dtype)  # (d, r): diag(v) and s scale its columns, a small op
+                if vec is not None:
+                    grad_up = grad_up * (vec * s if s != 1 else vec).to(up_dtype)
+                elif s != 1:
+                    grad_up = grad_up * s
+            if into_down is not None:
+                _into_grad(into_down, gbs.T, x2, s)
+            else:
+                grad_down = _mm_to(gbs.T, x2, down_dtype)
+                if s != 1:
+                    grad_down = grad_down * s
             grad_vec = None
             if vec is not None and ctx.needs_input_grad[5]:
                 # v_i's gradient is s sum_n gb[n, i] h[n, i]: the diagonal of an (r, r) product (one kernel that
                 # accumulates in fp32) instead of recomputing h and three elementwise passes over (N, r)
                 acc = torch.promote_types(cd, torch.float32)
                 grad_vec = (_mm_to(gb.T, h, acc).diagonal() * s).to(vec.dtype)
-        return grad_x, None, None, grad_down, grad_up, grad_vec, None, None, None
+        return grad_x, None, None, grad_down, grad_up, grad_vec, None, None, None, None
 
 
 class MergedLowRankLinear(torch.autograd.Function):
@@ -143,9 +178,11 @@ class MergedLowRankLinear(torch.autograd.Function):
         return grad_x, None, None, grad_down.to(down_dtype), grad_up.to(up_dtype), grad_vec, None, None, None
 
 
-def lowrank_linear(x, weight, bias, down, up, vec, scale: float, down_c=None, up_c=None):
+def lowrank_linear(x, weight, bias, down, up, vec, scale: float, down_c=None, up_c=None, grads_in_place=False):
     """down_c / up_c: the compute-dtype copies, or None (or the masters themselves) when no cast is needed. The
-    op gets None then: torch.compile cannot trace an autograd.Function given one tensor as two inputs."""
-    op = ChainLowRankLinear if FORWARD == "chain" else MergedLowRankLinear
-    return op.apply(x, weight, bias, down, up, vec, scale, None if down_c is down else down_c,
-                    None if up_c is up else up_c)
+    op gets None then: torch.compile cannot trace an autograd.Function given one tensor as two inputs.
+    grads_in_place: leaf factors get their gradient added into .grad by the backward's GEMMs (chain form only)."""
+    args = (x, weight, bias, down, up, vec, scale, None if down_c is down else down_c, None if up_c is up else up_c)
+    if FORWARD == "chain":
+        return ChainLowRankLinear.apply(*args, grads_in_place)
+    return MergedLowRankLinear.apply(*args)

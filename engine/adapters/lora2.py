@@ -204,7 +204,7 @@ def attention_entropy(q: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     dimension (fast kernels, no transpose). A text-side attention mask adds one constant per token and so does not
     change these maps. Shape-generic on purpose: the compiled form serves every resolution from one build.
     """
-    logp = (ks @ q.transpose(-1, -2)).log_softmax(-1, dtype=torch.float32)
+    logp = (ks @ q.transpose(-1, -2)).log_softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32))
     return -(logp.exp() * logp).sum(-1).mean()
 
 
@@ -213,72 +213,69 @@ def token_entropy(q: torch.Tensor, k: torch.Tensor, scale: float, core=attention
     return core(q, k * scale) / math.log(max(q.shape[-2], 2))
 
 
-_COMPILED: dict[tuple, tuple] = {}  # (device type, dtype) -> (compiled attention_entropy or None, why not)
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale k q^T for stacked layers: q (L, M, N, hd), k (L, M, T, hd) -> (L * M, T, N), one batched GEMM."""
+    q3, k3 = q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:])
+    return torch.baddbmm(k3.new_zeros(()), k3, q3.transpose(1, 2), beta=0, alpha=scale)
 
 
-def compiled_attention_entropy(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple:
-    """(attention_entropy through torch.compile, "") or (None, why). Its softmax, entropy and their gradient fuse
-    into a few kernels that read the (B, h, T, N) scores once or twice; eager writes and re-reads several fp32
-    copies (~9 ms of an SDXL step).
-
-    Built here, once per process and dtype, with dynamic shapes for batch 1 and batch > 1 in the layout the
-    attention processor passes (views of (B, N, h * hd), both requiring grad); a third shape must then run without
-    a recompile. At training time it never compiles again: a call the builds do not cover (another dtype, keys of
-    an unadapted to_k) runs eagerly (torch.compiler stance eager_on_recompile), so nothing compiles inside a
-    CUDA-graph capture and no recompile limit is ever hit. The build leaves the seeded RNG streams untouched."""
-    if device.type != "cuda":
-        return None, f"compiled entropy runs on CUDA only (training on {device.type})"
-    if not hasattr(torch.compiler, "set_stance"):
-        return None, f"compiled entropy needs torch.compiler.set_stance (torch >= 2.6; this is {torch.__version__})"
-    key = (device.type, dtype)
-    if key not in _COMPILED:
-        try:
-            _COMPILED[key] = (build_compiled_entropy(device, dtype), "")
-        except Exception as e:  # inductor and its compiler toolchain raise many types: any of them means eager
-            _COMPILED[key] = (None, f"torch.compile of the entropy failed ({type(e).__name__}: {str(e)[:200]}); "
-                                    "it runs eagerly")
-    return _COMPILED[key]
+def _softmax_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(q.dtype, torch.float32)  # bf16 maps in fp32, float64 (the tests) stays float64
 
 
-def forget_compiled_entropy() -> None:
-    """After torch._dynamo.reset() the builds hold no code any more: build again when next asked."""
-    _COMPILED.clear()
+class GroupEntropy(torch.autograd.Function):
+    """attention_entropy of L same-shape layers at once: q (L, M, N, hd), k (L, M, T, hd) unscaled -> (L,) nats.
+
+    One batched GEMM, softmax and reduction for the whole group instead of ~20 small kernels per layer forward and
+    backward (70 cross-attention layers on SDXL: most of the term's cost was launches). Keeps only q, k and the
+    row entropies for the backward, which recomputes the maps: with H = -sum p log p over a row,
+    dH/dz = -p (log p + H). Eager autograd would keep two fp32 (B, h, T, N) maps per layer (~0.9 GB on SDXL).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, scale):
+        logp = torch.log_softmax(_scores(q, k, scale), -1, dtype=_softmax_dtype(q))  # (L * M, T, N)
+        ent = -(logp.exp() * logp).sum(-1)  # (L * M, T)
+        ctx.save_for_backward(q, k, ent)
+        ctx.scale = scale
+        return ent.view(q.shape[0], -1).mean(1)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, ent = ctx.saved_tensors
+        L = q.shape[0]
+        logp = torch.log_softmax(_scores(q, k, ctx.scale), -1, dtype=_softmax_dtype(q))
+        rows = ent.numel() // L  # each layer's value is the mean over its rows; z = scale k q^T
+        w = (g.to(logp.dtype) * (-ctx.scale / rows)).view(L, 1, 1, 1)  # per layer, over its (M, T, N) block
+        dz = (logp.exp() * (logp + ent[..., None])).view(L, -1, *logp.shape[1:]).mul_(w)
+        dz = dz.to(q.dtype).view(logp.shape)  # (L * M, T, N)
+        dq = dz.transpose(1, 2) @ k.reshape(-1, *k.shape[-2:])
+        dk = dz @ q.reshape(-1, *q.shape[-2:])
+        return dq.view(q.shape), dk.view(k.shape), None
 
 
-def build_compiled_entropy(device: torch.device, dtype: torch.dtype = torch.bfloat16):
-    """The compiled attention_entropy behind compiled_attention_entropy (any device: the CPU tests use it)."""
-    fn = torch.compile(attention_entropy, dynamic=True, fullgraph=True)
-    gen = torch.Generator(device).manual_seed(0)  # its own stream: the run's seeded draws stay as they were
-
-    def views(b: int, n: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        h, hd = 2, 8
-        q = torch.randn(b, n, h * hd, device=device, generator=gen).to(dtype).requires_grad_()
-        k = torch.randn(b, t, h * hd, device=device, generator=gen).to(dtype).requires_grad_()
-        # as the processor passes them: q a transposed view, the scaled keys a new tensor with transposed strides
-        return q.view(b, n, h, hd).transpose(1, 2), k.view(b, t, h, hd).transpose(1, 2) * 0.35
-
-    with torch.enable_grad():  # the trial needs its backward, whatever mode the caller is in
-        for shape in ((1, 24, 5), (2, 24, 5)):
-            fn(*views(*shape)).backward()
-        with torch.compiler.set_stance("fail_on_recompile"):  # one more shape: covered without a new build
-            fn(*views(3, 40, 7)).backward()
-
-    def run(q: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
-        # autocast off: the inputs are already in the compute dtype and the softmax asks for fp32 itself, and an
-        # autocast state the build did not see would not match its guards (bf16_autocast)
-        with torch.compiler.set_stance("eager_on_recompile"), torch.autocast(q.device.type, enabled=False):
-            return fn(q, ks)
-
-    run.compiled = fn
-    return run
+def batched_token_entropies(pending: list[tuple[torch.Tensor, torch.Tensor, float]]) -> list[torch.Tensor]:
+    """token_entropy of every (q, k, scale) the attention processors recorded, one GroupEntropy per shape group;
+    one value per entry (order of the groups, not of the entries: only their mean is used)."""
+    groups: dict[tuple, list] = {}
+    for q, k, scale in pending:
+        groups.setdefault((q.shape, k.shape, q.dtype, k.dtype, q.device, scale), []).append((q, k))
+    out = []
+    for (qshape, _, _, _, _, scale), items in groups.items():
+        q = torch.stack([a for a, _ in items]).flatten(1, 2)  # (L, B * h, N, hd)
+        k = torch.stack([b for _, b in items]).flatten(1, 2)
+        out.extend((GroupEntropy.apply(q, k, scale) / math.log(max(qshape[-2], 2))).unbind(0))
+    return out
 
 
 class EntropyAttnProcessor:
     """Cross-attention through SDPA (as diffusers computes it); while training, also records token_entropy.
 
-    With options["recompute"] (set while the model uses gradient checkpointing) the entropy's (B, h, T, N) maps
-    are not kept for the backward but recomputed from q and k, which the attention keeps anyway: the entropy
-    leaves the checkpointed block through the store, so without this it would hold every block's maps.
+    It records (q, k, scale) and the set computes all layers' entropies after the forward in one batched op per
+    shape group (batched_token_entropies). With options["recompute"] (set while the model uses gradient
+    checkpointing) each layer's entropy is computed here and its (B, h, T, N) maps are recomputed in the backward
+    rather than kept: the entropy leaves the checkpointed block through the store, and holding q and k for a
+    batched pass would keep what checkpointing frees. Under torch.compile it is computed inline too (fused there).
     """
 
     def __init__(self, store: list, options: dict | None = None):
@@ -297,13 +294,13 @@ class EntropyAttnProcessor:
             mask = attn.prepare_attention_mask(attention_mask, k.shape[2], b).view(b, h, -1, k.shape[2])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
         if torch.is_grad_enabled():  # training only: nothing is kept while sampling
-            core = self.options.get("entropy")  # the compiled form, unless torch.compile traces this very call
-            core = attention_entropy if core is None or torch.compiler.is_compiling() else core
             if self.options["recompute"]:
-                ent = torch.utils.checkpoint.checkpoint(token_entropy, q, k, attn.scale, core, use_reentrant=False)
+                self.store.append(torch.utils.checkpoint.checkpoint(token_entropy, q, k, attn.scale,
+                                                                    use_reentrant=False))
+            elif torch.compiler.is_compiling() or not self.options.get("batched", True):
+                self.store.append(token_entropy(q, k, attn.scale))
             else:
-                ent = token_entropy(q, k, attn.scale, core)
-            self.store.append(ent)
+                self.store.append((q, k, attn.scale))
         out = out.transpose(1, 2).reshape(b, n, -1).to(q.dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -324,7 +321,7 @@ class LoRA2Set(AdapterSet):
     def __init__(self, model, config: LoRA2Config, layers):
         super().__init__(model, config, layers)
         self._entropies: list = []
-        self._entropy_options = {"recompute": False}
+        self._entropy_options = {"recompute": False, "batched": True}  # batched False: per layer (an ablation)
         self._saved_processors: dict[str, object] = {}
         self._nu_targets: torch.Tensor | None = None
         self._nus: tuple | None = None  # (softplus of every rho, grad mode) from the last model forward
@@ -349,13 +346,6 @@ class LoRA2Set(AdapterSet):
             lam = lam / lam.sum(1, keepdim=True)
         for layer, row in zip(layers, lam.unbind(0), strict=True):
             layer._lam = (row, layer.rho._version, layer.active._version)
-
-    def use_compiled_kernels(self, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
-        if not self._saved_processors:  # no entropy term
-            return ""
-        fn, why = compiled_attention_entropy(device, dtype)
-        self._entropy_options["entropy"] = fn
-        return why
 
     def _layer_params(self, layer: LoRA2Layer) -> list[nn.Parameter]:
         return [layer.lora_A, layer.lora_B]
@@ -437,7 +427,9 @@ class LoRA2Set(AdapterSet):
             terms["rank_reg"] = reg.detach()
             total = c.lambda_r * reg
         if self._entropies:
-            ent = torch.stack(self._entropies).mean()
+            done = [e for e in self._entropies if torch.is_tensor(e)]
+            ent = torch.stack(done + batched_token_entropies([e for e in self._entropies if not torch.is_tensor(e)]))
+            ent = ent.mean()
             self._entropies.clear()
             terms["entropy"] = ent.detach()
             total = c.lambda_e * ent if total is None else total + c.lambda_e * ent
