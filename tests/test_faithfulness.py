@@ -530,10 +530,11 @@ def _processor_views(b, n, t, h, hd, device="cpu", dtype=torch.float32, seed=0):
     return q, k, q.view(b, n, h, hd).transpose(1, 2), k.view(b, t, h, hd).transpose(1, 2)
 
 
-def test_lora2_group_entropy_equals_per_layer_entropy_and_keeps_no_maps():
+def test_lora2_group_entropy_equals_per_layer_entropy_and_keeps_no_maps(monkeypatch):
     """batched_token_entropies (one GroupEntropy per shape group, hand-written backward) gives every layer's
     token_entropy and the same gradients for q and k, in float64, over mixed shapes; it keeps only q, k and the
     row entropies for the backward, no (B, h, T, N) maps."""
+    from engine.adapters import lora2
     from engine.adapters.lora2 import GroupEntropy, batched_token_entropies, token_entropy
 
     shapes = [(2, 48, 7, 3, 8), (2, 48, 7, 3, 8), (1, 30, 5, 2, 4), (2, 48, 7, 3, 8), (1, 30, 5, 2, 4)]
@@ -547,6 +548,9 @@ def test_lora2_group_entropy_equals_per_layer_entropy_and_keeps_no_maps():
     got = batched_token_entropies([(qv, kv, scale) for _, _, qv, kv in views])
     # groups in first-seen order: layers 0, 1, 3 then 2, 4
     order = [0, 1, 3, 2, 4]
+    monkeypatch.setattr(lora2, "ENTROPY_CHUNK_BYTES", 2 * 3 * 7 * 48 * 4 * 2)  # two layers of the first group a call
+    chunked = batched_token_entropies([(qv.detach(), kv.detach(), scale) for _, _, qv, kv in views])
+    assert torch.equal(torch.stack(chunked), torch.stack(got).detach())
     for pos, i in enumerate(order):
         assert float(got[pos]) == pytest.approx(float(ref[i]), rel=1e-12)
     torch.autograd.backward(got, [torch.full_like(got[pos], float(i + 1)) for pos, i in enumerate(order)])

@@ -352,8 +352,9 @@ class AdapterSet:
 
     def set_grads_in_place(self, on: bool) -> None:
         """Let the fused op add A's and B's gradients into .grad itself (engine/adapters/fused.py): one kernel less
-        per leaf factor and backward (TriLoRA's and LoRA²'s B reach the op folded, through autograd). Only for a training loop that reads .grad after backward in one process:
-        torch.autograd.grad and DDP's hooks would not see these gradients."""
+        per leaf factor and backward (TriLoRA's and LoRA²'s B reach the op folded, through autograd). Only for a
+        training loop that reads .grad after backward in one process: torch.autograd.grad and DDP's hooks would not
+        see these gradients."""
         for layer in self.layers.values():
             layer.grads_in_place = bool(on)
 
