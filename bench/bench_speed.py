@@ -184,39 +184,42 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
     chunk = lora2_module.RESIZE_CHUNK_BYTES
     if resize_chunk:
         lora2_module.RESIZE_CHUNK_BYTES = resize_chunk
-    unet = unet_fn()
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    inputs = make_inputs(unet, arch, batch, device, dtype)
-    autocast = mode == "autocast"
-    adapters = None
-    if device == "cuda":  # graphs are captured while the step is built: count their warm-up and capture
-        sync(device)
-        torch.cuda.reset_peak_memory_stats()
-    if kind == "floor":
-        step = floor_step(unet, inputs, autocast, device, graphs)
-    elif kind == "peft":
-        from peft import LoraConfig
+    try:
+        unet = unet_fn()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        inputs = make_inputs(unet, arch, batch, device, dtype)
+        autocast = mode == "autocast"
+        adapters = None
+        if device == "cuda":  # graphs are captured while the step is built: count their warm-up and capture
+            sync(device)
+            torch.cuda.reset_peak_memory_stats()
+        if kind == "floor":
+            step = floor_step(unet, inputs, autocast, device, graphs)
+        elif kind == "peft":
+            from peft import LoraConfig
 
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="gaussian"))
-        params = [p for p in unet.parameters() if p.requires_grad]
-        for p in params:
-            p.data = p.data.float()  # fp32 adapter weights, as the diffusers training scripts cast them
-        step = train_step(unet, inputs, params, autocast, device, graphs=graphs)
-    else:
-        extra = {**({"max_rank": max(rank * 2, 8)} if method == "lora2" else {}), **(extra or {})}
-        adapters = inject(unet, make_config(method, rank=rank, **extra))
-        for layer in adapters.layers.values():
-            layer.fused = fused
-        adapters.set_grads_in_place(grads_in_place)  # as the trainer in one process
-        if method == "lora2":
-            adapters._entropy_options["batched"] = batched_entropy
-        step = train_step(unet, inputs, adapters.param_groups(1e-4), autocast, device, adapters, graphs, clip,
-                          rank_updates)
-    sec, peak = time_steps(step, device, warmup, steps, reset_peak=not graphs)
-    fused_module.FORWARD = "chain"
-    lora2_module.RESIZE_CHUNK_BYTES = chunk
+            unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS,
+                                        init_lora_weights="gaussian"))
+            params = [p for p in unet.parameters() if p.requires_grad]
+            for p in params:
+                p.data = p.data.float()  # fp32 adapter weights, as the diffusers training scripts cast them
+            step = train_step(unet, inputs, params, autocast, device, graphs=graphs)
+        else:
+            extra = {**({"max_rank": max(rank * 2, 8)} if method == "lora2" else {}), **(extra or {})}
+            adapters = inject(unet, make_config(method, rank=rank, **extra))
+            for layer in adapters.layers.values():
+                layer.fused = fused
+            adapters.set_grads_in_place(grads_in_place)  # as the trainer in one process
+            if method == "lora2":
+                adapters._entropy_options["batched"] = batched_entropy
+            step = train_step(unet, inputs, adapters.param_groups(1e-4), autocast, device, adapters, graphs, clip,
+                              rank_updates)
+        sec, peak = time_steps(step, device, warmup, steps, reset_peak=not graphs)
+    finally:
+        fused_module.FORWARD = "chain"
+        lora2_module.RESIZE_CHUNK_BYTES = chunk
     row = {"name": name, "arch": arch, "batch": batch, "kind": kind, "method": method or kind, "rank": rank,
            "mode": mode + (" graph" if graphs else ""), "checkpointing": checkpointing, "fused": fused,
            "step_s": sec, "peak_gib": peak}

@@ -98,8 +98,6 @@ def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
     compiled = speed.compile_blocks(pipe.unet) if mode == "compile" else None
     if compiled is not None and not compiled.enabled:
         mode, notice = "eager", compiled.reason
-    # the factors' gradients added into .grad by the backward's own GEMMs (DDP's hooks need autograd to deliver them)
-    adapters.set_grads_in_place(mode != "compile" and acc.num_processes == 1)
     groups = adapters.param_groups(cfg.lr, cfg.weight_decay)
     # fused AdamW: one kernel for all tensors; capturable: state a CUDA graph can step (fp16 keeps the plain one,
     # which accelerate's loss scaler has always driven)
@@ -295,6 +293,9 @@ def train(config: TrainConfig, emit: Emit | None = None, stop: threading.Event |
     s = None
     try:
         s = _setup(config, pipeline)
+        # the factors' gradients go into .grad from the backward's own GEMMs (DDP's hooks need autograd to deliver
+        # them; compile traces the op): set here so that the finally below always resets it
+        s.adapters.set_grads_in_place(s.mode != "compile" and s.acc.num_processes == 1)
         if resume:
             _restore(s, run)
         if s.mode == "cuda_graph":

@@ -532,8 +532,8 @@ def _processor_views(b, n, t, h, hd, device="cpu", dtype=torch.float32, seed=0):
 
 def test_lora2_group_entropy_equals_per_layer_entropy_and_keeps_no_maps(monkeypatch):
     """batched_token_entropies (one GroupEntropy per shape group, hand-written backward) gives every layer's
-    token_entropy and the same gradients for q and k, in float64, over mixed shapes; it keeps only q, k and the
-    row entropies for the backward, no (B, h, T, N) maps."""
+    token_entropy and the same gradients for q and k, in float64, over mixed shapes, whole or in chunks; it keeps
+    only the layers' own q and k and the row entropies for the backward, no copies and no (B, h, T, N) maps."""
     from engine.adapters import lora2
     from engine.adapters.lora2 import GroupEntropy, batched_token_entropies, token_entropy
 
@@ -545,24 +545,28 @@ def test_lora2_group_entropy_equals_per_layer_entropy_and_keeps_no_maps(monkeypa
     ref_grads = [(q.grad.clone(), k.grad.clone()) for q, k, _, _ in views]
     for q, k, _, _ in views:
         q.grad = k.grad = None
-    got = batched_token_entropies([(qv, kv, scale) for _, _, qv, kv in views])
-    # groups in first-seen order: layers 0, 1, 3 then 2, 4
-    order = [0, 1, 3, 2, 4]
-    monkeypatch.setattr(lora2, "ENTROPY_CHUNK_BYTES", 2 * 3 * 7 * 48 * 4 * 2)  # two layers of the first group a call
-    chunked = batched_token_entropies([(qv.detach(), kv.detach(), scale) for _, _, qv, kv in views])
-    assert torch.equal(torch.stack(chunked), torch.stack(got).detach())
-    for pos, i in enumerate(order):
-        assert float(got[pos]) == pytest.approx(float(ref[i]), rel=1e-12)
-    torch.autograd.backward(got, [torch.full_like(got[pos], float(i + 1)) for pos, i in enumerate(order)])
-    for (q, k, _, _), (gq, gk) in zip(views, ref_grads, strict=True):
-        assert torch.allclose(q.grad, gq, rtol=1e-9, atol=1e-12) and torch.allclose(k.grad, gk, rtol=1e-9, atol=1e-12)
+    order = [0, 1, 3, 2, 4]  # groups in first-seen order: layers 0, 1, 3 then 2, 4
+    for chunk_bytes in (None, 2 * 3 * 7 * 48 * 4 * 2):  # whole groups, then two layers of the first group a call
+        if chunk_bytes:
+            monkeypatch.setattr(lora2, "ENTROPY_CHUNK_BYTES", chunk_bytes)
+        got = batched_token_entropies([(qv, kv, scale) for _, _, qv, kv in views])
+        for pos, i in enumerate(order):
+            assert float(got[pos]) == pytest.approx(float(ref[i]), rel=1e-12)
+        torch.autograd.backward(got, [torch.full_like(got[pos], float(i + 1)) for pos, i in enumerate(order)])
+        for (q, k, _, _), (gq, gk) in zip(views, ref_grads, strict=True):
+            assert torch.allclose(q.grad, gq, rtol=1e-9, atol=1e-12)
+            assert torch.allclose(k.grad, gk, rtol=1e-9, atol=1e-12)
+            q.grad = k.grad = None
 
-    q = torch.randn(3, 4, 64, 8, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(3, 4, 7, 8, dtype=torch.float64, requires_grad=True)
+    # kept for the backward: the layers' own q and k (no stacked copy) and the row entropies, no map
+    _, _, qv1, kv1 = _processor_views(3, 64, 7, 4, 8, dtype=torch.float64, seed=7)
+    _, _, qv2, kv2 = _processor_views(3, 64, 7, 4, 8, dtype=torch.float64, seed=8)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        GroupEntropy.apply(q, k, scale)
-    assert sum(saved) <= q.numel() + k.numel() + 3 * 4 * 7  # inputs and row entropies: no 3 x 4 x 7 x 64 map
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        GroupEntropy.apply(scale, 2, qv1, qv2, kv1, kv2)
+    inputs = {t.data_ptr() for t in (qv1, qv2, kv1, kv2)}
+    own = [t for t in saved if t.data_ptr() in inputs]
+    assert len(own) == 4 and sum(t.numel() for t in saved if t.data_ptr() not in inputs) <= 2 * 3 * 4 * 7
 
 
 def test_lora2_batched_entropy_term_equals_the_per_layer_one():

@@ -216,3 +216,32 @@ def test_cuda_gradients_in_place_equal_returned(method):
         for a, b in zip(got, ref, strict=True):
             assert a.dtype == torch.float32
             assert float((a - b).norm() / b.norm().clamp_min(1e-30)) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["lora", "tri_lora", "lora2"])
+def test_gradients_in_place_with_checkpointing_and_a_second_use(method):
+    """A UNet with gradient checkpointing (the op's backward runs on the recomputed forward) and a loss term that
+    uses the factors again (autograd adds that part): the in-place gradients equal autograd's."""
+    from test_adapters import inputs, tiny_unet
+
+    grads = []
+    for in_place in (False, True):
+        unet = tiny_unet()
+        unet.enable_gradient_checkpointing()
+        unet.train()
+        extra = {"max_rank": 6, "lambda_e": 1.0} if method == "lora2" else {}
+        ad = inject(unet, make_config(method, rank=4, seed=3, **extra))
+        with torch.no_grad():
+            for p in ad.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) * 0.05)
+        ad.set_grads_in_place(in_place)
+        x, t, c = inputs()
+        for _ in range(2):  # two accumulated backwards
+            ad.reset_step()
+            loss = unet(x, t, c).sample.pow(2).mean()
+            more, _ = ad.extra_loss()
+            loss = loss + sum(layer.down_up()[0].pow(2).sum() for layer in ad.layers.values()) * 1e-3
+            (loss if more is None else loss + more).backward()
+        grads.append([p.grad.clone() for p in ad.parameters()])
+    for a, b in zip(grads[1], grads[0], strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

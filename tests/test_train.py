@@ -403,3 +403,23 @@ def test_compile_mode_compiles_once_while_lora2_ranks_move(model, dataset, tmp_p
     assert any(s > 3 for s in seen.get("moves", [])), seen  # ranks moved after the snapshot
     assert seen["frames"].get("ok", 0) > 0 and dict(counters["frames"]) == seen["frames"], (seen, counters["frames"])
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_gradients_in_place_on_while_training_and_off_after(model, dataset, tmp_path, monkeypatch):
+    """The trainer turns the fused op's in-place gradients on for a one-process eager run and off when it ends,
+    also when the run fails (a bad step count would fail at setup; here a failing step)."""
+    from engine.adapters.base import AdapterSet
+
+    calls = []
+    real = AdapterSet.set_grads_in_place
+    monkeypatch.setattr(AdapterSet, "set_grads_in_place", lambda self, on: (calls.append(on), real(self, on))[1])
+    assert train(config(model, dataset, tmp_path / "ok", method="lora")).state == "finished"
+    assert calls == [True, False]
+    calls.clear()
+
+    def boom(*a, **k):
+        raise RuntimeError("step failed")
+    monkeypatch.setattr("engine.train._optimizer_step", boom)
+    with pytest.raises(RuntimeError, match="step failed"):
+        train(config(model, dataset, tmp_path / "bad", method="lora"))
+    assert calls == [True, False]

@@ -226,36 +226,51 @@ def _softmax_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, torch.float32)  # bf16 maps in fp32, float64 (the tests) stays float64
 
 
-class GroupEntropy(torch.autograd.Function):
-    """attention_entropy of L same-shape layers at once: q (L, M, N, hd), k (L, M, T, hd) unscaled -> (L,) nats.
+def _stacked(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """(B, h, S, hd) views of L layers -> one (L, B * h, S, hd) tensor (a transient copy)."""
+    return torch.stack(ts).flatten(1, 2)
 
-    One batched GEMM, softmax and reduction for the whole group instead of ~20 small kernels per layer forward and
-    backward (70 cross-attention layers on SDXL: most of the term's cost was launches). Keeps only q, k and the
-    row entropies for the backward, which recomputes the maps: with H = -sum p log p over a row,
-    dH/dz = -p (log p + H). Eager autograd would keep two fp32 (B, h, T, N) maps per layer (~0.9 GB on SDXL).
+
+class GroupEntropy(torch.autograd.Function):
+    """attention_entropy of L same-shape layers at once: apply(scale, L, q_1..q_L, k_1..k_L) with each q (B, h, N,
+    hd) and k (B, h, T, hd) unscaled, as the attention processor has them -> (L,) nats.
+
+    One batched GEMM, softmax and reduction for the group instead of ~20 small kernels per layer forward and
+    backward (70 cross-attention layers on SDXL: most of the term's cost was launches). Keeps only the layers' own
+    q and k (which SDPA keeps anyway: no copy is held) and the row entropies; the backward restacks them and
+    recomputes the maps: with H = -sum p log p over a row, dH/dz = -p (log p + H). Eager autograd keeps two fp32
+    (B, h, T, N) maps per layer (~0.9 GB on SDXL). Autocast is off inside: the scores are formed in q's dtype.
     """
 
     @staticmethod
-    def forward(ctx, q, k, scale):
-        logp = torch.log_softmax(_scores(q, k, scale), -1, dtype=_softmax_dtype(q))  # (L * M, T, N)
-        ent = logp.exp().mul_(logp).sum(-1).neg_()  # (L * M, T); in place: one map besides logp
-        ctx.save_for_backward(q, k, ent)
-        ctx.scale = scale
-        return ent.view(q.shape[0], -1).mean(1)
+    def forward(ctx, scale, n, *qk):
+        qs, ks = qk[:n], qk[n:]
+        with torch.autocast(qs[0].device.type, enabled=False):
+            q, k = _stacked(qs), _stacked(ks)
+            logp = torch.log_softmax(_scores(q, k, scale), -1, dtype=_softmax_dtype(q))  # (L * M, T, N)
+            del q, k
+            ent = logp.exp().mul_(logp).sum(-1).neg_()  # (L * M, T); in place: one map besides logp
+        ctx.save_for_backward(*qk, ent)
+        ctx.scale, ctx.n = scale, n
+        return ent.view(n, -1).mean(1)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        q, k, ent = ctx.saved_tensors
-        L = q.shape[0]
-        logp = torch.log_softmax(_scores(q, k, ctx.scale), -1, dtype=_softmax_dtype(q))
-        rows = ent.numel() // L  # each layer's value is the mean over its rows; z = scale k q^T
-        w = (g.to(logp.dtype) * (-ctx.scale / rows)).view(L, 1, 1, 1)  # per layer, over its (M, T, N) block
-        dz = logp.exp().mul_(logp.add_(ent[..., None])).view(L, -1, *logp.shape[1:]).mul_(w)
-        del logp
-        dz = dz.to(q.dtype).view(-1, *dz.shape[2:])  # (L * M, T, N)
-        dq = dz.transpose(1, 2) @ k.reshape(-1, *k.shape[-2:])
-        dk = dz @ q.reshape(-1, *q.shape[-2:])
-        return dq.view(q.shape), dk.view(k.shape), None
+        *qk, ent = ctx.saved_tensors
+        n = ctx.n
+        qs, ks = qk[:n], qk[n:]
+        with torch.autocast(g.device.type, enabled=False):
+            q, k = _stacked(qs), _stacked(ks)
+            logp = torch.log_softmax(_scores(q, k, ctx.scale), -1, dtype=_softmax_dtype(q))
+            rows = ent.numel() // n  # each layer's value is the mean over its rows; z = scale k q^T
+            w = (g.to(logp.dtype) * (-ctx.scale / rows)).view(n, 1, 1, 1)  # per layer, over its (M, T, N) block
+            dz = logp.exp().mul_(logp.add_(ent[..., None])).view(n, -1, *logp.shape[1:]).mul_(w)
+            del logp
+            dz = dz.to(q.dtype).view(-1, *dz.shape[2:])  # (L * M, T, N)
+            dq = (dz.transpose(1, 2) @ k.reshape(-1, *k.shape[-2:])).view(n, *qs[0].shape).unbind(0)
+            dk = (dz @ q.reshape(-1, *q.shape[-2:])).view(n, *ks[0].shape).unbind(0)
+        return None, None, *dq, *dk
 
 
 ENTROPY_CHUNK_BYTES = 64 << 20  # layers per GroupEntropy call: their fp32 maps (transient, fwd and bwd) fit in this
@@ -275,9 +290,8 @@ def batched_token_entropies(pending: list[tuple[torch.Tensor, torch.Tensor, floa
         step = max(1, ENTROPY_CHUNK_BYTES // per_layer)
         for i in range(0, len(items), step):
             chunk = items[i:i + step]
-            q = torch.stack([a for a, _ in chunk]).flatten(1, 2)  # (L, B * h, N, hd)
-            k = torch.stack([c for _, c in chunk]).flatten(1, 2)
-            out.extend((GroupEntropy.apply(q, k, scale) / math.log(max(n, 2))).unbind(0))
+            ent = GroupEntropy.apply(scale, len(chunk), *[a for a, _ in chunk], *[c for _, c in chunk])
+            out.extend((ent / math.log(max(n, 2))).unbind(0))
     return out
 
 
