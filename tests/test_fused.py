@@ -245,3 +245,37 @@ def test_gradients_in_place_with_checkpointing_and_a_second_use(method):
         grads.append([p.grad.clone() for p in ad.parameters()])
     for a, b in zip(grads[1], grads[0], strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_fold_vectors_equals_plain_autograd_and_keeps_no_copies():
+    """FoldVectors (s B_i diag(v_i) of a shape group in the compute dtype) gives plain autograd's values and B, v
+    gradients in float64; for the backward it keeps the B_i and v_i themselves, no stacked copy or fp32 product;
+    in bf16 it delivers bf16 and fp32 gradients."""
+    from engine.adapters.base import FoldVectors, fold_vector
+
+    g = torch.Generator().manual_seed(6)
+    ups = [torch.randn(7, 3, dtype=torch.float64, generator=g).requires_grad_() for _ in range(4)]
+    vecs = [torch.randn(3, dtype=torch.float64, generator=g).requires_grad_() for _ in range(4)]
+    w = torch.randn(4, 7, 3, dtype=torch.float64, generator=g)
+    ref = fold_vector(torch.stack(ups), torch.stack(vecs)[:, None, :], 0.5)
+    (ref * w).sum().backward()
+    want = [t.grad.clone() for t in ups + vecs]
+    for t in ups + vecs:
+        t.grad = None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = FoldVectors.apply(0.5, torch.float64, 4, *ups, *vecs)
+    assert {t.data_ptr() for t in saved} == {t.data_ptr() for t in ups + vecs}
+    assert torch.allclose(got, ref, rtol=1e-12)
+    (got * w).sum().backward()
+    for t, wt in zip(ups + vecs, want, strict=True):
+        assert torch.allclose(t.grad, wt, rtol=1e-10, atol=1e-12)
+
+    ups32 = [u.detach().float().requires_grad_() for u in ups]
+    vecs32 = [v.detach().float().requires_grad_() for v in vecs]
+    low = FoldVectors.apply(0.5, torch.bfloat16, 4, *ups32, *vecs32)
+    assert low.dtype == torch.bfloat16 and torch.allclose(low.double(), ref, rtol=1e-2, atol=1e-2)
+    (low.float() * w.float()).sum().backward()
+    assert all(t.grad.dtype == torch.float32 for t in ups32 + vecs32)
+    for t, wt in zip(ups32 + vecs32, want, strict=True):
+        assert float((t.grad.double() - wt).norm() / wt.norm()) < 1e-2
