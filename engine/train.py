@@ -19,6 +19,7 @@ from engine import data as data_mod
 from engine import events as ev
 from engine import models, runs, speed, step_graph
 from engine.adapters import inject
+from engine.adapters.fused import out_dtype_ok
 from engine.train_config import AUTOCAST, PRECISIONS, TrainConfig
 
 __all__ = ["RunResult", "TrainConfig", "load_run_adapters", "resume_run", "train"]
@@ -95,6 +96,9 @@ def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
         pipe.unet.disable_gradient_checkpointing()
     pipe.unet.train()
     mode, notice = _step_mode(cfg, acc)
+    if acc.device.type == "cuda":  # asked once here, outside any compile or capture (see fused.out_dtype_ok)
+        for low in (torch.bfloat16, torch.float16):
+            out_dtype_ok(acc.device, low)
     compiled = speed.compile_blocks(pipe.unet) if mode == "compile" else None
     if compiled is not None and not compiled.enabled:
         mode, notice = "eager", compiled.reason

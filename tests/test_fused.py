@@ -279,3 +279,30 @@ def test_fold_vectors_equals_plain_autograd_and_keeps_no_copies():
     assert all(t.grad.dtype == torch.float32 for t in ups32 + vecs32)
     for t, wt in zip(ups32 + vecs32, want, strict=True):
         assert float((t.grad.double() - wt).norm() / wt.norm()) < 1e-2
+
+
+def test_out_dtype_probe_only_reads_inside_compile(monkeypatch):
+    """Traced by torch.compile (step mode compile traces the fused op's backward), the out_dtype probe only reads
+    its table: fullgraph compiles (a write would break the graph at every layer) and nothing is recorded; the
+    eager call records the answer."""
+    from engine.adapters import fused
+
+    monkeypatch.setattr(fused, "_OUT_DTYPE", {})
+    f = torch.compile(lambda x: x * 2 if fused.out_dtype_ok(x.device) else x - 1, fullgraph=True)
+    assert torch.equal(f(torch.ones(2)), torch.zeros(2))  # unknown inside compile: the plain path
+    assert fused._OUT_DTYPE == {}
+    fused.out_dtype_ok(torch.device("cpu"))
+    assert (torch.device("cpu"), torch.bfloat16) in fused._OUT_DTYPE
+
+
+@pytest.mark.parametrize("dtype, fold_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                               (torch.float32, torch.float32)])
+def test_fold_dtype_per_compute_dtype(dtype, fold_dtype):
+    """The fold the fused op differentiates is in the compute dtype (bf16, fp32), except under fp16, where it stays
+    fp32 so that its gradient cannot overflow under a loss scale; the compute copy is always in the compute dtype."""
+    model = nn.Sequential(nn.Linear(16, 12)).to(dtype)
+    ad = inject(model, make_config("tri_lora", rank=4, targets="0"))
+    model(torch.randn(3, 16, dtype=dtype)).float().sum().backward()
+    layer = next(iter(ad.layers.values()))
+    assert layer._folded[0].dtype == fold_dtype and layer._folded[1].dtype == dtype
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ad.parameters())

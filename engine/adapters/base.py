@@ -341,11 +341,13 @@ class AdapterSet:
             cd = torch.get_autocast_dtype(device_type) if autocast else layer.base.weight.dtype
             groups.setdefault((tuple(layer.down_up()[1].shape), layer.scale, cd), []).append(layer)
         for (_, scale, cd), group in groups.items():
-            n = len(group)
-            compute = FoldVectors.apply(scale, cd, n, *[layer.down_up()[1] for layer in group],
-                                        *[layer.forward_vector() for layer in group])  # (n, d, r) in cd
-            for layer, c in zip(group, compute.unbind(0), strict=True):
-                layer._folded = (c, c, (grad, cd), layer.fold_key())
+            # fp16 keeps an fp32 fold (its gradient stays fp32: a loss-scaled fp16 B-sized gradient could overflow)
+            out = torch.float32 if cd == torch.float16 else cd
+            folded = FoldVectors.apply(scale, out, len(group), *[layer.down_up()[1] for layer in group],
+                                       *[layer.forward_vector() for layer in group])  # (n, d, r)
+            compute = folded if out == cd else folded.detach().to(cd)
+            for layer, f, c in zip(group, folded.unbind(0), compute.unbind(0), strict=True):
+                layer._folded = (f, c, (grad, cd), layer.fold_key())
 
     # trainer hooks ------------------------------------------------------------------------------------
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:

@@ -21,23 +21,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_OUT_DTYPE: dict[torch.device, bool] = {}  # device -> torch.mm / torch.addmm take out_dtype there
+_OUT_DTYPE: dict[tuple, bool] = {}  # (device, input dtype) -> torch.mm / torch.addmm take out_dtype=float32 there
 
 
-def _out_dtype_ok(device: torch.device) -> bool:
-    """Whether this build runs mm and addmm with out_dtype=float32 on bf16 inputs (CUDA builds of recent torch; the
-    project allows torch >= 2.4). Tried once per device, on the first backward (always eager: CUDA graphs capture
-    only after warm-up steps), without reading anything back."""
-    if device not in _OUT_DTYPE:
+def out_dtype_ok(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether this build runs mm and addmm with out_dtype=float32 on `dtype` inputs (CUDA builds of recent torch;
+    the project allows torch >= 2.4). Tried once per device and dtype without reading anything back: the trainer
+    asks at setup; otherwise the first backward asks (always eager: CUDA graphs capture after warm-up steps).
+    Inside torch.compile it only reads the answer (a write there would break the graph at every layer)."""
+    key = (torch.device(device), dtype)
+    if torch.compiler.is_compiling():
+        return _OUT_DTYPE.get(key, False)
+    if key not in _OUT_DTYPE:
         try:
-            a = torch.zeros(2, 2, device=device, dtype=torch.bfloat16)
+            a = torch.zeros(2, 2, device=device, dtype=dtype)
             c = torch.zeros(2, 2, device=device)
             torch.mm(a, a, out_dtype=torch.float32)
             torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
-            _OUT_DTYPE[device] = True
+            _OUT_DTYPE[key] = True
         except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE[device] = False
-    return _OUT_DTYPE[device]
+            _OUT_DTYPE[key] = False
+    return _OUT_DTYPE[key]
 
 
 def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -45,7 +49,7 @@ def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     if a.dtype == dtype:
         return a @ b
     if (a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)
-            and _out_dtype_ok(a.device)):
+            and out_dtype_ok(a.device, a.dtype)):
         return torch.mm(a, b, out_dtype=dtype)
     return (a @ b).to(dtype)
 
@@ -69,7 +73,7 @@ def _into_grad(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: flo
         param.grad = out.mul_(alpha) if alpha != 1 else out
     elif g.dtype == a.dtype:
         g.addmm_(a, b, alpha=alpha)
-    elif g.is_cuda and g.dtype == torch.float32 and a.dtype == torch.bfloat16 and _out_dtype_ok(g.device):
+    elif g.is_cuda and g.dtype == torch.float32 and a.dtype == torch.bfloat16 and out_dtype_ok(g.device):
         torch.addmm(g, a, b, out_dtype=torch.float32, alpha=alpha, out=g)  # one cuBLAS call, C = D = the grad
         # (bf16 only: the GPU-tested case; fp16 and builds without out_dtype add the product below)
     else:
