@@ -348,11 +348,33 @@ def test_choose_ranks_cap_and_floor():
     assert math.isclose(analysis.kept_energy(analysis.Spectrum(None, S_KNOWN, None), 8), 1.0)
 
 
+def _lora2_entropy_step(checkpointing=False, batched=True, check=None):
+    """One LoRA² step with the entropy term on a tiny UNet (perturbed adapter, one backward through the loss and
+    the terms, as the trainer runs it); check(adapters) runs after the forward. -> (entropy, adapter gradients)."""
+    from test_adapters import inputs, tiny_unet
+
+    unet = tiny_unet()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    ad = inject(unet, make_config("lora2", rank=4, max_rank=8, lambda_e=1.0, seed=1))
+    ad._entropy_options["batched"] = batched
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) * 0.05)
+    x, t, c = inputs()
+    ad.reset_step()
+    loss = unet(x, t, c).sample.pow(2).mean()
+    if check is not None:
+        check(ad)
+    extra, terms = ad.extra_loss()
+    (loss + extra).backward()
+    return float(terms["entropy"]), [p.grad.clone() for p in ad.parameters() if p.grad is not None]
+
+
 def test_lora2_entropy_under_checkpointing_keeps_no_maps_and_same_gradients():
     """With gradient checkpointing the entropy is recomputed in the backward: same loss and gradients,
     and the (B, h, T, N) maps are not among the tensors kept for the backward."""
-    from test_adapters import inputs, tiny_unet
-
     from engine.adapters.lora2 import token_entropy
 
     g = torch.Generator().manual_seed(8)
@@ -378,21 +400,9 @@ def test_lora2_entropy_under_checkpointing_keeps_no_maps_and_same_gradients():
 
     grads = []
     for checkpointing in (False, True):
-        unet = tiny_unet()
-        if checkpointing:
-            unet.enable_gradient_checkpointing()
-        unet.train()
-        ad = inject(unet, make_config("lora2", rank=4, max_rank=8, lambda_e=1.0, seed=1))
-        with torch.no_grad():
-            for p in ad.parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) * 0.05)
-        x, t, c = inputs()
-        ad.reset_step()
-        loss = unet(x, t, c).sample.pow(2).mean()
-        extra, terms = ad.extra_loss()
-        assert ad._entropy_options["recompute"] is checkpointing
-        (loss + extra).backward()  # as the trainer does: one backward through both
-        grads.append((float(terms["entropy"]), [p.grad.clone() for p in ad.parameters() if p.grad is not None]))
+        def check(ad, checkpointing=checkpointing):
+            assert ad._entropy_options["recompute"] is checkpointing
+        grads.append(_lora2_entropy_step(checkpointing=checkpointing, check=check))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
     assert len(grads[0][1]) == len(grads[1][1]) > 0
     for a, b in zip(grads[0][1], grads[1][1], strict=True):
@@ -571,23 +581,11 @@ def test_lora2_group_entropy_equals_per_layer_entropy_and_keeps_no_maps(monkeypa
 
 def test_lora2_batched_entropy_term_equals_the_per_layer_one():
     """On a model: the set's batched entropy term equals the per-layer one, loss terms and every gradient."""
-    from test_adapters import inputs, tiny_unet
-
     out = []
     for batched in (True, False):
-        unet = tiny_unet().train()
-        ad = inject(unet, make_config("lora2", rank=4, max_rank=8, lambda_e=1.0, seed=1))
-        ad._entropy_options["batched"] = batched
-        with torch.no_grad():
-            for p in ad.parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) * 0.05)
-        x, t, c = inputs()
-        ad.reset_step()
-        loss = unet(x, t, c).sample.pow(2).mean()
-        assert any(isinstance(e, tuple) for e in ad._entropies) is batched
-        extra, terms = ad.extra_loss()
-        (loss + extra).backward()
-        out.append((float(terms["entropy"]), [p.grad.clone() for p in ad.parameters() if p.grad is not None]))
+        def check(ad, batched=batched):
+            assert any(isinstance(e, tuple) for e in ad._entropies) is batched
+        out.append(_lora2_entropy_step(batched=batched, check=check))
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-6) and 0 < out[0][0] <= 1
     assert len(out[0][1]) == len(out[1][1]) > 0
     for a, b in zip(out[0][1], out[1][1], strict=True):

@@ -205,21 +205,23 @@ def attention_entropy(q: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     q: (B, h, N, hd) image queries, ks: (B, h, T, hd) text keys already multiplied by the attention scale. The
     scores are formed as ks q^T, (B, h, T, N), so the softmax over image positions runs along the contiguous last
     dimension (fast kernels, no transpose). A text-side attention mask adds one constant per token and so does not
-    change these maps. Shape-generic on purpose: the compiled form serves every resolution from one build.
+    change these maps. GroupEntropy computes the same for many layers at once.
     """
-    logp = (ks @ q.transpose(-1, -2)).log_softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32))
+    logp = (ks @ q.transpose(-1, -2)).log_softmax(-1, dtype=_softmax_dtype(q))
     return -(logp.exp() * logp).sum(-1).mean()
 
 
-def token_entropy(q: torch.Tensor, k: torch.Tensor, scale: float, core=attention_entropy) -> torch.Tensor:
-    """attention_entropy over log N, in [0, 1] (the scale goes on the small key side, outside `core`)."""
-    return core(q, k * scale) / math.log(max(q.shape[-2], 2))
+def token_entropy(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """attention_entropy over log N, in [0, 1] (the scale goes on the small key side)."""
+    return attention_entropy(q, k * scale) / math.log(max(q.shape[-2], 2))
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale k q^T for stacked layers: q (L, M, N, hd), k (L, M, T, hd) -> (L * M, T, N), one batched GEMM."""
+def _log_maps(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """log softmax over image positions of scale k q^T for stacked layers: q (L, M, N, hd), k (L, M, T, hd) ->
+    (L * M, T, N), one batched GEMM (scores in q's dtype, softmax in at least fp32)."""
     q3, k3 = q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:])
-    return torch.baddbmm(k3.new_zeros(()), k3, q3.transpose(1, 2), beta=0, alpha=scale)
+    scores = torch.baddbmm(k3.new_zeros(()), k3, q3.transpose(1, 2), beta=0, alpha=scale)
+    return torch.log_softmax(scores, -1, dtype=_softmax_dtype(q))
 
 
 def _softmax_dtype(q: torch.Tensor) -> torch.dtype:
@@ -246,9 +248,7 @@ class GroupEntropy(torch.autograd.Function):
     def forward(ctx, scale, n, *qk):
         qs, ks = qk[:n], qk[n:]
         with torch.autocast(qs[0].device.type, enabled=False):
-            q, k = _stacked(qs), _stacked(ks)
-            logp = torch.log_softmax(_scores(q, k, scale), -1, dtype=_softmax_dtype(q))  # (L * M, T, N)
-            del q, k
+            logp = _log_maps(_stacked(qs), _stacked(ks), scale)  # (L * M, T, N)
             ent = logp.exp().mul_(logp).sum(-1).neg_()  # (L * M, T); in place: one map besides logp
         ctx.save_for_backward(*qk, ent)
         ctx.scale, ctx.n = scale, n
@@ -262,7 +262,7 @@ class GroupEntropy(torch.autograd.Function):
         qs, ks = qk[:n], qk[n:]
         with torch.autocast(g.device.type, enabled=False):
             q, k = _stacked(qs), _stacked(ks)
-            logp = torch.log_softmax(_scores(q, k, ctx.scale), -1, dtype=_softmax_dtype(q))
+            logp = _log_maps(q, k, ctx.scale)
             rows = ent.numel() // n  # each layer's value is the mean over its rows; z = scale k q^T
             w = (g.to(logp.dtype) * (-ctx.scale / rows)).view(n, 1, 1, 1)  # per layer, over its (M, T, N) block
             dz = logp.exp().mul_(logp.add_(ent[..., None])).view(n, -1, *logp.shape[1:]).mul_(w)
