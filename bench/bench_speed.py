@@ -176,9 +176,12 @@ def graphed(core, before):
 def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, rank=16, method=None, mode="bf16",
              checkpointing=False, fused=True, graphs=False, results=None, extra=None, op="chain", clip=False,
              rank_updates: bool | str = "sync-free", grads_in_place: bool = True, batched_entropy: bool = True,
-             resize_chunk: int = 0):
+             resize_chunk: int = 0, kernels: bool = True):
     from engine.adapters import fused as fused_module
     from engine.adapters import lora2 as lora2_module
+    from engine.adapters import triton_ops
+
+    triton_ops.ENABLED = kernels  # LoRA²'s Triton kernels (entropy rows, resize) or their torch form; restored
 
     fused_module.FORWARD = op  # the fused op's form (see engine/adapters/fused.py); restored below
     chunk = lora2_module.RESIZE_CHUNK_BYTES
@@ -220,6 +223,7 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
     finally:
         fused_module.FORWARD = "chain"
         lora2_module.RESIZE_CHUNK_BYTES = chunk
+        triton_ops.ENABLED = True
     row = {"name": name, "arch": arch, "batch": batch, "kind": kind, "method": method or kind, "rank": rank,
            "mode": mode + (" graph" if graphs else ""), "checkpointing": checkpointing, "fused": fused,
            "step_s": sec, "peak_gib": peak}
@@ -274,25 +278,18 @@ def ablation() -> list[tuple[str, dict]]:
     g = dict(kind="ours", rank=16, graphs=True)
     return [("floor bf16 graph", dict(kind="floor", graphs=True)),
             ("lora r16 graph", dict(method="lora", **g)),
-            ("lora r16 graph + clip", dict(method="lora", clip=True, **g)),
-            ("lora r16 graph, merged-weight op", dict(method="lora", op="merged", **g)),
-            ("lora r16 graph, gradients returned to autograd", dict(method="lora", grads_in_place=False, **g)),
             ("lora r64 graph", dict(method="lora", **{**g, "rank": 64})),
-            ("lora r64 graph, gradients returned to autograd", dict(method="lora", grads_in_place=False,
-                                                                    **{**g, "rank": 64})),
             ("tri_lora r16 graph", dict(method="tri_lora", **g)),
             ("tri_lora r64 graph", dict(method="tri_lora", **{**g, "rank": 64})),
-            ("tri_lora r64 graph, gradients returned to autograd", dict(method="tri_lora", grads_in_place=False,
-                                                                        **{**g, "rank": 64})),
             ("lora2 r16 graph", dict(method="lora2", **g)),
+            ("lora2 r16 graph, torch form (no Triton kernels)", dict(method="lora2", kernels=False, **g)),
             ("lora2 r16 graph, no entropy", dict(method="lora2", extra={"lambda_e": 0.0}, **g)),
-            ("lora2 r16 graph, gradients returned to autograd", dict(method="lora2", grads_in_place=False, **g)),
             ("lora2 r16 graph, entropy per layer", dict(method="lora2", batched_entropy=False, **g)),
             ("lora2 r64 graph", dict(method="lora2", **{**g, "rank": 64})),
-            ("lora2 r64 graph, unchunked resize", dict(method="lora2", resize_chunk=1 << 40, **{**g, "rank": 64})),
-            ("lora2 r16 graph, no rank reg", dict(method="lora2", extra={"lambda_r": 0.0}, **g)),
+            ("lora2 r64 graph, torch form (no Triton kernels)", dict(method="lora2", kernels=False,
+                                                                     **{**g, "rank": 64})),
+            ("lora2 r64 graph, no rank updates", dict(method="lora2", rank_updates=False, **{**g, "rank": 64})),
             ("lora2 r16 graph, no rank updates", dict(method="lora2", rank_updates=False, **g)),
-            ("lora2 r16 graph, synced rank updates", dict(method="lora2", rank_updates=True, **g)),
             ("lora2 r16 graph, max_rank 16", dict(method="lora2", extra={"max_rank": 16}, **g)),
             ("lora2 r16 graph, none of these", dict(method="lora2", rank_updates=False,
                                                     extra={"lambda_e": 0.0, "lambda_r": 0.0, "max_rank": 16}, **g))]

@@ -676,3 +676,131 @@ def test_rank_probe_gives_a_diverged_layer_rank_zero():
     probe = analysis.RankProbe(["ok", "nan"], analysis.grouped_grams(factors), {"ok": 4, "nan": 4})
     effective, native = probe.finish(0.9)
     assert effective["nan"] == 0 and 1 <= effective["ok"] <= 4 and native == {"ok": 4, "nan": 4}
+
+
+# --- the Triton kernels (engine/adapters/triton_ops.py) against the torch form --------------------------------
+def _kernel_params():
+    """'cuda' (gpu marker), and 'interpreter': Triton's CPU interpreter, where Triton is installed and the run
+    sets TRITON_INTERPRET=1 (not in CI, which has no Triton: a local check of the kernels' logic)."""
+    import os
+
+    from engine.adapters import triton_ops
+    interp = triton_ops.triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+    return [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                not torch.cuda.is_available() or triton_ops.triton is None, reason="needs CUDA and Triton")]),
+            pytest.param("cpu", marks=pytest.mark.skipif(not interp, reason="needs TRITON_INTERPRET=1 and Triton"))]
+
+
+@pytest.fixture
+def kernel_device(request, monkeypatch):
+    from engine.adapters import triton_ops
+    if request.param == "cpu":  # the interpreter runs the kernels on CPU tensors
+        monkeypatch.setattr(triton_ops, "usable", lambda t: triton_ops.ENABLED and t.dtype != torch.float64)
+    return request.param
+
+
+@pytest.mark.parametrize("kernel_device", _kernel_params(), indirect=True)
+def test_kernel_row_entropy_equals_the_torch_form(kernel_device):
+    """One-pass entropy, log-sum-exp and in-place gradient rows equal float64 torch on fresh random scores, for
+    rows shorter and longer than one block (4096), in fp32 and bf16 inputs."""
+    from engine.adapters import triton_ops
+
+    g = torch.Generator().manual_seed(3)
+    for n, dtype in ((77, torch.float32), (1024, torch.bfloat16), (5000, torch.float32), (4096, torch.bfloat16)):
+        z = (torch.randn(4, 3, n, generator=g) * 4).to(dtype).to(kernel_device)
+        h, lse = triton_ops.row_entropy(z)
+        logp = z.double().log_softmax(-1)
+        href = -(logp.exp() * logp).sum(-1)
+        assert h.dtype == lse.dtype == torch.float32 and h.shape == (4, 3)
+        assert float((h.double() - href).abs().max()) < 1e-4 * math.log(n), (n, dtype)
+        assert float((lse.double() - z.double().logsumexp(-1)).abs().max()) < 1e-4, (n, dtype)
+        w = torch.randn(2, generator=g).to(kernel_device)
+        dz = triton_ops.row_entropy_backward_(z.clone(), lse, h, w)
+        ref = (logp.exp() * (logp + href[..., None])).view(2, -1, n) * w.double().view(2, 1, 1)
+        err = (dz.double().view(2, -1, n) - ref).norm() / ref.norm()
+        assert float(err) < (1e-5 if dtype == torch.float32 else 1e-2), (n, dtype)
+
+
+@pytest.mark.parametrize("kernel_device", _kernel_params(), indirect=True)
+def test_kernel_group_entropy_equals_the_torch_form(kernel_device, monkeypatch):
+    """GroupEntropy with the row kernels gives the torch form's values and q, k gradients (same bf16 scores)."""
+    from engine.adapters import triton_ops
+    from engine.adapters.lora2 import batched_token_entropies
+
+    shapes = [(2, 300, 77, 4, 16)] * 3 + [(1, 130, 77, 2, 16)]
+    out = []
+    for enabled in (True, False):
+        monkeypatch.setattr(triton_ops, "ENABLED", enabled)
+        views = [_processor_views(*sh, device=kernel_device, dtype=torch.bfloat16, seed=i)
+                 for i, sh in enumerate(shapes)]
+        ent = batched_token_entropies([(qv, kv, 0.25) for _, _, qv, kv in views])
+        torch.autograd.backward(ent, [torch.full_like(e, i + 1.0) for i, e in enumerate(ent)])
+        out.append((torch.stack(ent).float(), [(q.grad.float(), k.grad.float()) for q, k, _, _ in views]))
+    (e1, g1), (e0, g0) = out
+    assert torch.allclose(e1, e0, rtol=1e-4, atol=1e-5)
+    for pair1, pair0 in zip(g1, g0, strict=True):
+        for a, b in zip(pair1, pair0, strict=True):
+            assert float((a - b).norm() / b.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("kernel_device", _kernel_params(), indirect=True)
+def test_kernel_resize_equals_the_torch_form(kernel_device, monkeypatch):
+    """LoRA²'s resize kernel leaves the masks, B, every optimizer moment and the untouched rows of A exactly as
+    the torch form does; the grown rows of A follow the init rule (std within 10% over 64 x 512 draws) and the
+    bf16 compute copies equal A; the sync-free path (device ranks) and the host path agree."""
+    from engine.adapters import triton_ops
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(3)]).to(kernel_device)
+        ad = inject(model, make_config("lora2", rank=8, max_rank=96, targets="0,1,2", lambda_e=0.0))
+        opt = torch.optim.AdamW(ad.param_groups(1e-2, weight_decay=0.01))
+        with torch.autocast(kernel_device, dtype=torch.bfloat16):
+            model(torch.randn(4, 512, device=kernel_device)).float().pow(2).mean().backward()
+        opt.step()
+        ad.refresh_shadows()
+        return ad, opt
+
+    (a, oa), (b, ob) = build(), build()
+    assert all(layer._shadow is not None for layer in b.layers.values())
+    for target, sync in (((72, 8, 3), False), ((40, 8, 5), True), ((40, 9, 1), False)):
+        for ad in (a, b):
+            with torch.no_grad():
+                for layer, r in zip(ad.layers.values(), target):
+                    layer.rho.fill_(inverse_softplus(nu_for_rank(r, 0.9)))
+        old = {n: (layer.lora_A.detach().clone(), int(layer.active.sum())) for n, layer in b.layers.items()}
+        monkeypatch.setattr(triton_ops, "ENABLED", False)
+        a.before_step(0, oa, sync=sync)
+        monkeypatch.setattr(triton_ops, "ENABLED", True)
+        b.before_step(0, ob, sync=sync)
+        assert [int(layer.active.sum()) for layer in b.layers.values()] == list(target)
+        for name, la in a.layers.items():
+            lb = b.layers[name]
+            assert torch.equal(la.active, lb.active)
+            assert torch.equal(la.lora_B, lb.lora_B)
+            for p, q in ((la.lora_A, lb.lora_A), (la.lora_B, lb.lora_B)):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert torch.equal(oa.state[p][key], ob.state[q][key]), (name, key)
+            d_old, d_new = old[name][1], int(lb.active.sum())
+            grown = slice(d_old, d_new)
+            keep = torch.ones(lb.lora_A.shape[0], dtype=torch.bool)
+            keep[grown] = False
+            diff = (lb.lora_A != la.lora_A).any(1).nonzero().flatten().tolist()
+            assert diff == list(range(d_old, d_new)), (name, target, diff)
+            if d_new - d_old >= 64:  # enough draws for a std check
+                std = float(_init_std_of(lb).detach())
+                assert float(lb.lora_A[grown].std()) == pytest.approx(std, rel=0.1)
+            if d_new > d_old:
+                assert bool((lb.lora_A[grown] != 0).all())
+            if kernel_device == "cuda":
+                assert torch.equal(lb._shadow[1], lb.lora_A.detach().to(torch.bfloat16)), name
+            else:  # the interpreter's bf16 cast truncates where the GPU rounds to nearest: within one bf16 step
+                assert torch.allclose(lb._shadow[1].float(), lb.lora_A.detach(), rtol=2 ** -7, atol=0), name
+            with torch.no_grad():  # the next round starts both from the same draws
+                la.lora_A.copy_(lb.lora_A)
+        a.refresh_shadows()
+
+
+def _init_std_of(layer):
+    from engine.adapters.lora2 import _init_stds
+    return _init_stds([layer], layer.active[None])[0]

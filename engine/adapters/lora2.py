@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from engine.adapters import triton_ops
 from engine.adapters.base import AdapterConfig, AdapterLayer, AdapterSet, _versions, opt
 from engine.adapters.registry import Method, register
 
@@ -149,7 +150,11 @@ def resize_layers(layers: list[LoRA2Layer], ranks: list[int] | torch.Tensor,
     ints, or a device tensor (n,) that is never read on the host (layers whose D did not move are left as they
     are by the masks)."""
     first = layers[0]
-    c, dev, R = first.config, first.active.device, first.config.max_rank
+    dev, R = first.active.device, first.config.max_rank
+    moments = _slot_moments(optimizer, layers) if triton_ops.usable(first.lora_A) else None
+    if moments is not None:  # CUDA: one kernel rewrites only the moved slots of the whole group
+        _resize_in_kernel(layers, ranks, moments)
+        return
     step = max(1, RESIZE_CHUNK_BYTES // (R * (first.in_features + first.out_features) * 4))
     if len(layers) > step:  # bounded temporaries: the trainer resizes every layer each step, outside its graphs
         for i in range(0, len(layers), step):
@@ -159,10 +164,7 @@ def resize_layers(layers: list[LoRA2Layer], ranks: list[int] | torch.Tensor,
     new = torch.arange(R, device=dev) < torch.as_tensor(ranks, device=dev)[:, None]  # (n, R)
     old = torch.stack([layer.active for layer in layers])
     grown, keep = new & ~old, ~(new ^ old)
-    lam = importance(F.softplus(torch.stack([layer.rho for layer in layers]))[:, None], R) * new
-    if c.normalise:
-        lam = lam / lam.sum(1, keepdim=True)
-    std = (c.init_c / (first.in_features * lam.float().pow(2).sum(1).clamp_min(1e-12))).sqrt()  # (n,)
+    std = _init_stds(layers, new)
     a = torch.stack([layer.lora_A for layer in layers])  # (n, R, k)
     fresh = torch.randn(a.shape, device=dev) * std[:, None, None]
     a = torch.where(grown[:, :, None], fresh.to(a.dtype), a * keep[:, :, None])
@@ -185,6 +187,66 @@ def resize_layers(layers: list[LoRA2Layer], ranks: list[int] | torch.Tensor,
     if optimizer is not None:
         _reset_slots(optimizer, [layer.lora_A for layer in layers], keep[:, :, None])
         _reset_slots(optimizer, [layer.lora_B for layer in layers], keep[:, None, :])
+
+
+def _init_stds(layers: list[LoRA2Layer], new: torch.Tensor) -> torch.Tensor:
+    """The init rule's std of each layer's new A rows, from its importance weights over the new mask (n, R)."""
+    c = layers[0].config
+    lam = importance(F.softplus(torch.stack([layer.rho for layer in layers]))[:, None], c.max_rank) * new
+    if c.normalise:
+        lam = lam / lam.sum(1, keepdim=True)
+    return (c.init_c / (layers[0].in_features * lam.float().pow(2).sum(1).clamp_min(1e-12))).sqrt()  # (n,)
+
+
+def _slot_moments(optimizer: torch.optim.Optimizer | None, layers: list[LoRA2Layer]) -> tuple | None:
+    """The optimizer moments the resize kernel zeroes, per state key: ([A's of every layer], ...), ([B's], ...);
+    None when the kernel cannot take this group (non-fp32 or non-contiguous factors or moments, mixed states)."""
+    params = [layer.lora_A for layer in layers] + [layer.lora_B for layer in layers]
+    if any(p.dtype != torch.float32 or not p.is_contiguous() for p in params):
+        return None
+    states = [optimizer.state.get(p) for p in params] if optimizer is not None else []
+    if not states or not all(states):  # before the first optimizer step there are no moments
+        return (), ()
+    out = []
+    for part in (params[:len(layers)], params[len(layers):]):
+        keys = [key for key, v in optimizer.state[part[0]].items() if torch.is_tensor(v) and v.shape == part[0].shape]
+        lists = []
+        for key in keys:
+            ms = [optimizer.state[p].get(key) for p in part]
+            if any(m is None or m.dtype != torch.float32 or not m.is_contiguous() or m.shape != p.shape
+                   for m, p in zip(ms, part, strict=True)):
+                return None
+            lists.append(ms)
+        out.append(lists)
+    return tuple(out)
+
+
+def _resize_in_kernel(layers: list[LoRA2Layer], ranks, moments: tuple) -> None:
+    """resize_layers' CUDA form: masks by one foreach copy, then triton_ops.resize_slots rewrites the slots that
+    moved (no stacked copies of the factors or moments; nothing read on the host)."""
+    first = layers[0]
+    dev, R = first.active.device, first.config.max_rank
+    on_host = not torch.is_tensor(ranks)
+    new_d = torch.as_tensor(ranks, device=dev).clamp(0, R)
+    new = torch.arange(R, device=dev) < new_d[:, None]
+    old_d = torch.stack([layer.active for layer in layers]).sum(1)
+    std = _init_stds(layers, new)
+    torch._foreach_copy_([layer.active.view(torch.uint8) for layer in layers], list(new.view(torch.uint8).unbind(0)))
+    shadows = [layer._shadow[1] if layer._shadow is not None else None for layer in layers]
+    a = [layer.lora_A for layer in layers]
+    b = [layer.lora_B for layer in layers]
+    triton_ops.resize_slots(old_d, new_d, std, a, b, shadows, *moments)
+    try:  # changed behind autograd's back
+        torch.autograd.graph.increment_version(a + b)
+    except TypeError:  # torch < 2.5 takes one tensor at a time
+        for t in a + b:
+            torch.autograd.graph.increment_version(t)
+    for i, layer in enumerate(layers):
+        if on_host:
+            layer._rank_cache = ((layer.active._version, layer.active.data_ptr()), int(min(max(ranks[i], 0), R)))
+        if layer._shadow is not None:  # rewritten by the kernel too
+            key, down_c, up_c = layer._shadow
+            layer._shadow = ((key[0], *_versions(layer.lora_A, None)), down_c, up_c)
 
 
 def _reset_slots(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], keep: torch.Tensor) -> None:
@@ -216,12 +278,15 @@ def token_entropy(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     return attention_entropy(q, k * scale) / math.log(max(q.shape[-2], 2))
 
 
-def _log_maps(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """log softmax over image positions of scale k q^T for stacked layers: q (L, M, N, hd), k (L, M, T, hd) ->
-    (L * M, T, N), one batched GEMM (scores in q's dtype, softmax in at least fp32)."""
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale k q^T for stacked layers: q (L, M, N, hd), k (L, M, T, hd) -> (L * M, T, N) in q's dtype, one GEMM."""
     q3, k3 = q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:])
-    scores = torch.baddbmm(k3.new_zeros(()), k3, q3.transpose(1, 2), beta=0, alpha=scale)
-    return torch.log_softmax(scores, -1, dtype=_softmax_dtype(q))
+    return torch.baddbmm(k3.new_zeros(()), k3, q3.transpose(1, 2), beta=0, alpha=scale)
+
+
+def _log_maps(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """log softmax over image positions of _scores (L * M, T, N), in at least fp32."""
+    return torch.log_softmax(_scores(q, k, scale), -1, dtype=_softmax_dtype(q))
 
 
 def _softmax_dtype(q: torch.Tensor) -> torch.dtype:
@@ -242,32 +307,42 @@ class GroupEntropy(torch.autograd.Function):
     q and k (which SDPA keeps anyway: no copy is held) and the row entropies; the backward restacks them and
     recomputes the maps: with H = -sum p log p over a row, dH/dz = -p (log p + H). Eager autograd keeps two fp32
     (B, h, T, N) maps per layer (~0.9 GB on SDXL). Autocast is off inside: the scores are formed in q's dtype.
+    On CUDA the softmax, entropy and dz are Triton row kernels (triton_ops), one pass over the scores each; the
+    torch form of the same maths runs elsewhere.
     """
 
     @staticmethod
     def forward(ctx, scale, n, *qk):
         qs, ks = qk[:n], qk[n:]
         with torch.autocast(qs[0].device.type, enabled=False):
-            logp = _log_maps(_stacked(qs), _stacked(ks), scale)  # (L * M, T, N)
-            ent = logp.exp().mul_(logp).sum(-1).neg_()  # (L * M, T); in place: one map besides logp
-        ctx.save_for_backward(*qk, ent)
+            q, k = _stacked(qs), _stacked(ks)
+            if triton_ops.usable(q):  # one pass over the scores, nothing in fp32 but one value per row
+                ent, lse = triton_ops.row_entropy(_scores(q, k, scale))  # (L * M, T) each
+            else:
+                logp = _log_maps(q, k, scale)  # (L * M, T, N)
+                ent, lse = logp.exp().mul_(logp).sum(-1).neg_(), None  # in place: one map besides logp
+        ctx.save_for_backward(*qk, ent, lse)
         ctx.scale, ctx.n = scale, n
         return ent.view(n, -1).mean(1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        *qk, ent = ctx.saved_tensors
+        *qk, ent, lse = ctx.saved_tensors
         n = ctx.n
         qs, ks = qk[:n], qk[n:]
         with torch.autocast(g.device.type, enabled=False):
             q, k = _stacked(qs), _stacked(ks)
-            logp = _log_maps(q, k, ctx.scale)
             rows = ent.numel() // n  # each layer's value is the mean over its rows; z = scale k q^T
-            w = (g.to(logp.dtype) * (-ctx.scale / rows)).view(n, 1, 1, 1)  # per layer, over its (M, T, N) block
-            dz = logp.exp().mul_(logp.add_(ent[..., None])).view(n, -1, *logp.shape[1:]).mul_(w)
-            del logp
-            dz = dz.to(q.dtype).view(-1, *dz.shape[2:])  # (L * M, T, N)
+            if lse is not None:  # the kernel turns the recomputed scores into dz in place, one pass
+                w = g.float() * (-ctx.scale / rows)
+                dz = triton_ops.row_entropy_backward_(_scores(q, k, ctx.scale), lse, ent, w)
+            else:
+                logp = _log_maps(q, k, ctx.scale)
+                w = (g.to(logp.dtype) * (-ctx.scale / rows)).view(n, 1, 1, 1)  # per layer, its (M, T, N) block
+                dz = logp.exp().mul_(logp.add_(ent[..., None])).view(n, -1, *logp.shape[1:]).mul_(w)
+                del logp
+                dz = dz.to(q.dtype).view(-1, *dz.shape[2:])  # (L * M, T, N)
             dq = (dz.transpose(1, 2) @ k.reshape(-1, *k.shape[-2:])).view(n, *qs[0].shape).unbind(0)
             dk = (dz @ q.reshape(-1, *q.shape[-2:])).view(n, *ks[0].shape).unbind(0)
         return None, None, *dq, *dk

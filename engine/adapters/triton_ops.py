@@ -1,0 +1,189 @@
+"""Triton kernels for the two LoRA² hot spots that torch runs as many full memory passes (CUDA only).
+
+- Row entropy of softmax(z) over the last dimension, and its gradient, each in one pass over z: the torch form
+  (log_softmax to fp32, exp, multiply, sum; in the backward four more passes) moved ~10 GB a step at SDXL 1024 px.
+- LoRA²'s per-step resize: only the slots whose rank moved are rewritten (a row of A, a column of B, their
+  optimizer moments and the compute-dtype copy of A), for a whole shape group in one launch through tables of
+  pointers. The torch form stacks and rewrites every factor and moment of the group (~9 GB a step at SDXL r16).
+
+Every kernel has a torch equivalent in the caller, used on the CPU, without Triton, and for float64 (the tests);
+`ENABLED = False` forces the torch form everywhere (the bench's ablation). The GPU tests check kernel = torch form.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+ENABLED = True  # False: callers use their torch form (ablation, debugging)
+
+try:  # Triton ships with the CUDA builds of torch on Linux; the CPU build and macOS have none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+@functools.cache
+def _triton_works() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether the kernels here can run on this tensor (CUDA, Triton present, a 16- or 32-bit float)."""
+    return ENABLED and t.is_cuda and t.dtype in (torch.bfloat16, torch.float16, torch.float32) and _triton_works()
+
+
+def _block(n: int) -> tuple[int, int]:
+    """Columns per loop iteration and warps per program for rows of n elements."""
+    block = min(triton.next_power_of_2(max(n, 16)), 4096)
+    return block, max(1, min(8, block // 256))
+
+
+if triton is not None:
+    @triton.jit
+    def _row_entropy_fwd(z_ptr, h_ptr, lse_ptr, n_cols, BLOCK: tl.constexpr):
+        """H = -sum p log p and lse = log sum exp z of one row z, p = softmax(z), fp32, one pass (online max):
+        per lane m (max), s = sum e^(z-m), t = sum e^(z-m) z; then H = lse - E_p[z]."""
+        row = tl.program_id(0).to(tl.int64)
+        base = z_ptr + row * n_cols
+        offs = tl.arange(0, BLOCK)
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
+        t = tl.zeros([BLOCK], tl.float32)
+        for start in tl.range(0, n_cols, BLOCK):
+            cols = start + offs
+            inside = cols < n_cols
+            z = tl.load(base + cols, mask=inside, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, z)
+            alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+            e = tl.where(inside, tl.exp(z - m_new), 0.0)
+            s = s * alpha + e
+            t = t * alpha + e * tl.where(inside, z, 0.0)
+            m = m_new
+        top = tl.max(m, 0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
+        total = tl.sum(s * w, 0)
+        lse = top + tl.log(total)
+        tl.store(h_ptr + row, lse - tl.sum(t * w, 0) / total)
+        tl.store(lse_ptr + row, lse)
+
+    @triton.jit
+    def _row_entropy_bwd(z_ptr, lse_ptr, h_ptr, w_ptr, n_cols, rows_per_w, BLOCK: tl.constexpr):
+        """In place over z: dz = w p (log p + H), the gradient of -w H (dH/dz = -p (log p + H)); w per block of
+        rows_per_w rows (one layer)."""
+        row = tl.program_id(0).to(tl.int64)
+        base = z_ptr + row * n_cols
+        lse = tl.load(lse_ptr + row)
+        h = tl.load(h_ptr + row)
+        w = tl.load(w_ptr + row // rows_per_w)
+        offs = tl.arange(0, BLOCK)
+        for start in tl.range(0, n_cols, BLOCK):
+            cols = start + offs
+            inside = cols < n_cols
+            logp = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32) - lse
+            tl.store(base + cols, (tl.exp(logp) * (logp + h) * w).to(z_ptr.dtype.element_ty), mask=inside)
+
+
+    @triton.jit
+    def _resize_slots(old_ptr, new_ptr, std_ptr, seed_ptr, a_tab, b_tab, sh_tab, sh_like, am_tab, bm_tab,
+                      n_layers, n_am, n_bm, R, K, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program i = layer i of the group: for each slot j between its old and new rank, row j of A becomes
+        N(0, std_i^2) if the rank grew (else 0) and so does row j of its compute copy (if any); column j of B and
+        row j / column j of every optimizer moment become 0. A layer whose rank did not move returns at once."""
+        i = tl.program_id(0)
+        old = tl.load(old_ptr + i).to(tl.int32)
+        new = tl.load(new_ptr + i).to(tl.int32)
+        grow = new > old
+        std = tl.load(std_ptr + i)
+        seed = tl.load(seed_ptr)
+        a = tl.load(a_tab + i).to(tl.pointer_type(tl.float32))
+        b = tl.load(b_tab + i).to(tl.pointer_type(tl.float32))
+        sh_int = tl.load(sh_tab + i)
+        sh = sh_int.to(sh_like.dtype)
+        ok = tl.arange(0, BLOCK_K)
+        od = tl.arange(0, BLOCK_D)
+        for j in tl.range(tl.minimum(old, new), tl.maximum(old, new)):
+            row = j * K  # int32: one factor has < 2^31 elements
+            for c in tl.range(0, K, BLOCK_K):
+                cols = c + ok
+                inside = cols < K
+                noise = tl.randn(seed, (i.to(tl.int64) * R + j) * K + cols)
+                val = tl.where(grow, noise * std, 0.0)
+                tl.store(a + row + cols, val, mask=inside)
+                if sh_int != 0:
+                    low = val.to(sh_like.dtype.element_ty, fp_downcast_rounding="rtne")  # as torch's .to()
+                    tl.store(sh + row + cols, low, mask=inside)
+                for t in tl.range(0, n_am):
+                    m = tl.load(am_tab + t * n_layers + i).to(tl.pointer_type(tl.float32))
+                    tl.store(m + row + cols, tl.zeros([BLOCK_K], tl.float32), mask=inside)
+            for c in tl.range(0, D, BLOCK_D):
+                rows = c + od
+                inside = rows < D
+                at = rows.to(tl.int64) * R + j
+                tl.store(b + at, tl.zeros([BLOCK_D], tl.float32), mask=inside)
+                for t in tl.range(0, n_bm):
+                    m = tl.load(bm_tab + t * n_layers + i).to(tl.pointer_type(tl.float32))
+                    tl.store(m + at, tl.zeros([BLOCK_D], tl.float32), mask=inside)
+
+
+_TABLES: dict[tuple, torch.Tensor] = {}  # pointer tables by (device, pointers): made once, reused every step
+
+
+def _table(ptrs: list[int], device: torch.device) -> torch.Tensor:
+    key = (device, tuple(ptrs))
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) > 256:  # pointers of tensors long gone (a new optimizer, a reloaded run)
+            _TABLES.clear()
+        table = _TABLES[key] = torch.tensor(ptrs or [0], dtype=torch.int64).to(device)
+    return table
+
+
+def resize_slots(old: torch.Tensor, new: torch.Tensor, std: torch.Tensor, a: list[torch.Tensor],
+                 b: list[torch.Tensor], shadows: list[torch.Tensor | None], a_moments: list[list[torch.Tensor]],
+                 b_moments: list[list[torch.Tensor]]) -> None:
+    """Rewrite the slots between old[i] and new[i] of same-shape layers i (see _resize_slots), in place.
+
+    a: fp32 (R, k) factors, b: fp32 (d, R), shadows: each A's compute-dtype copy or None, a_moments/b_moments:
+    per optimizer state key, the fp32 moment of every layer's A / B. old, new: (n,) ranks; std: (n,) fp32.
+    Random rows come from a seed drawn from the device's torch generator (reproducible under manual_seed)."""
+    n, dev = len(a), a[0].device
+    (R, K), D = a[0].shape, b[0].shape[0]
+    seed = torch.randint(0, 2 ** 62, (1,), device=dev)
+    real = [s for s in shadows if s is not None]
+    like = real[0] if real else a[0]
+    block_k = min(triton.next_power_of_2(K), 1024)
+    block_d = min(triton.next_power_of_2(D), 1024)
+    _resize_slots[(n,)](old, new, std.float().contiguous(), seed, _table([t.data_ptr() for t in a], dev),
+                        _table([t.data_ptr() for t in b], dev),
+                        _table([0 if s is None else s.data_ptr() for s in shadows], dev), like,
+                        _table([t.data_ptr() for ts in a_moments for t in ts], dev),
+                        _table([t.data_ptr() for ts in b_moments for t in ts], dev),
+                        n, len(a_moments), len(b_moments), R, K, D, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+
+
+def row_entropy(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy (nats) and log-sum-exp of softmax over the last dimension of a contiguous z, fp32, one per row."""
+    z = z.contiguous()
+    n = z.shape[-1]
+    rows = z.numel() // n
+    h = torch.empty(z.shape[:-1], device=z.device, dtype=torch.float32)
+    lse = torch.empty_like(h)
+    if rows:
+        block, warps = _block(n)
+        _row_entropy_fwd[(rows,)](z, h, lse, n, BLOCK=block, num_warps=warps)
+    return h, lse
+
+
+def row_entropy_backward_(z: torch.Tensor, lse: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Overwrite contiguous z with w_l p (log p + H) row by row (z's rows split evenly over the weights w_l, fp32)
+    and return it: times -1, the gradient of sum_l w_l sum_rows H."""
+    n = z.shape[-1]
+    rows = z.numel() // n
+    if rows:
+        assert z.is_contiguous() and rows % w.numel() == 0
+        block, warps = _block(n)
+        _row_entropy_bwd[(rows,)](z, lse, h, w.float().contiguous(), n, rows // w.numel(), BLOCK=block,
+                                  num_warps=warps)
+    return z
