@@ -15,7 +15,7 @@ PART=${1:-all}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1
 if [[ $PART == tests || $PART == all ]]; then
-  timeout 60 python bench/capture_check.py > "$OUT/capture_check.txt" 2>&1  # seconds: does every method capture?
+  timeout 150 python bench/capture_check.py > "$OUT/capture_check.txt" 2>&1  # seconds: does every method capture?
   cat "$OUT/capture_check.txt" | grep -E "captured|FAILED"
   timeout 300 python -m pytest -q -p no:cacheprovider -W ignore tests -m gpu > "$OUT/pytest_gpu.txt" 2>&1
   tail -15 "$OUT/pytest_gpu.txt"

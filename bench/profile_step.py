@@ -5,6 +5,7 @@ python bench/profile_step.py --arch sd15 --cases floor,lora,lora_unfused,peft --
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from bench_speed import TARGETS, build_unet, floor_step, make_inputs, train_step
 from engine.adapters import inject, make_config  # noqa: E402
 
 
-def make_case(case: str, arch: str, batch: int):
+def make_case(case: str, arch: str, batch: int, rank: int = 16):
     unet = build_unet(arch, "cuda", torch.bfloat16)
     unet.train()
     inputs = make_inputs(unet, arch, batch, "cuda", torch.bfloat16)
@@ -35,12 +36,13 @@ def make_case(case: str, arch: str, batch: int):
             p.data = p.data.float()
         return train_step(unet, inputs, params, True, "cuda")
     method = case.replace("_unfused", "").replace("_noent", "")
-    extra = {"max_rank": 32} if method == "lora2" else {}
+    extra = {"max_rank": 2 * rank} if method == "lora2" else {}
     if case.endswith("_noent"):  # LoRA² without its cross-attention entropy term
         extra["lambda_e"] = 0.0
-    ad = inject(unet, make_config(method, rank=16, **extra))
+    ad = inject(unet, make_config(method, rank=rank, **extra))
     for layer in ad.layers.values():
         layer.fused = not case.endswith("_unfused")
+    ad.set_grads_in_place(True)  # as the trainer in one process
     return train_step(unet, inputs, ad.param_groups(1e-4), False, "cuda", ad)
 
 
@@ -49,13 +51,14 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="sd15")
     ap.add_argument("--cases", default="floor,lora,lora_unfused,peft")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--rank", type=int, default=16)
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     batch = 4 if args.arch == "sd15" else 1
     summary = []
     for case in args.cases.split(","):
-        step = make_case(case, args.arch, batch)
+        step = make_case(case, args.arch, batch, args.rank)
         for _ in range(5):
             step()
         torch.cuda.synchronize()
@@ -74,6 +77,12 @@ def main(argv=None) -> int:
         table = events.table(sort_by="self_device_time_total", row_limit=15)
         cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=12)
         (out / f"profile_{args.arch}_{case}.txt").write_text(table + "\n\n" + cpu_table)
+        per_kernel: dict[str, list[float]] = {}  # GPU ms and launches a step, by kernel name (to diff two cases)
+        for e in kernels:
+            acc = per_kernel.setdefault(e.name, [0.0, 0.0])
+            acc[0] += e.device_time / 3 / 1e3
+            acc[1] += 1 / 3
+        (out / f"kernels_{args.arch}_r{args.rank}_{case}.json").write_text(json.dumps(per_kernel, indent=0))
         row = f"{case}: wall {wall * 1e3:.1f} ms/step, GPU busy {busy * 1e3:.1f} ms, kernels/step {len(kernels) / 3:.0f}"
         print(row, flush=True)
         print(table[:3000], flush=True)
