@@ -701,21 +701,21 @@ def kernel_device(request, monkeypatch):
 
 @pytest.mark.parametrize("kernel_device", _kernel_params(), indirect=True)
 def test_kernel_row_entropy_equals_the_torch_form(kernel_device):
-    """One-pass entropy, log-sum-exp and in-place gradient rows equal float64 torch on fresh random scores, for
+    """One-pass entropy, log-sum-exp and in-place gradient rows (scaled scores) equal float64 torch, for
     rows shorter and longer than one block (4096), in fp32 and bf16 inputs."""
     from engine.adapters import triton_ops
 
     g = torch.Generator().manual_seed(3)
     for n, dtype in ((77, torch.float32), (1024, torch.bfloat16), (5000, torch.float32), (4096, torch.bfloat16)):
         z = (torch.randn(4, 3, n, generator=g) * 4).to(dtype).to(kernel_device)
-        h, lse = triton_ops.row_entropy(z)
-        logp = z.double().log_softmax(-1)
+        h, lse = triton_ops.row_entropy(z, 0.7)
+        logp = (z.double() * 0.7).log_softmax(-1)
         href = -(logp.exp() * logp).sum(-1)
         assert h.dtype == lse.dtype == torch.float32 and h.shape == (4, 3)
         assert float((h.double() - href).abs().max()) < 1e-4 * math.log(n), (n, dtype)
-        assert float((lse.double() - z.double().logsumexp(-1)).abs().max()) < 1e-4, (n, dtype)
+        assert float((lse.double() - (z.double() * 0.7).logsumexp(-1)).abs().max()) < 1e-4, (n, dtype)
         w = torch.randn(2, generator=g).to(kernel_device)
-        dz = triton_ops.row_entropy_backward_(z.clone(), lse, h, w)
+        dz = triton_ops.row_entropy_backward_(z.clone(), lse, h, w, 0.7)
         ref = (logp.exp() * (logp + href[..., None])).view(2, -1, n) * w.double().view(2, 1, 1)
         err = (dz.double().view(2, -1, n) - ref).norm() / ref.norm()
         assert float(err) < (1e-5 if dtype == torch.float32 else 1e-2), (n, dtype)

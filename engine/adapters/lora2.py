@@ -278,48 +278,64 @@ def token_entropy(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     return attention_entropy(q, k * scale) / math.log(max(q.shape[-2], 2))
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale k q^T for stacked layers: q (L, M, N, hd), k (L, M, T, hd) -> (L * M, T, N) in q's dtype, one GEMM."""
-    q3, k3 = q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:])
-    return torch.baddbmm(k3.new_zeros(()), k3, q3.transpose(1, 2), beta=0, alpha=scale)
+def _scores(qs: tuple[torch.Tensor, ...], ks: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """k q^T of L same-shape layers (each q (B, h, N, hd), k (B, h, T, hd), unscaled) -> (L * B * h, T, N) in q's
+    dtype: one GEMM per layer and batch item into one buffer. The processor's q and k are head views of (B, S, h *
+    hd) projections, which a batched GEMM reads in place: stacking them first copied ~0.4 GB a step on SDXL."""
+    b, h, n, _ = qs[0].shape
+    out = qs[0].new_empty(len(qs), b, h, ks[0].shape[2], n)
+    for i, (q, k) in enumerate(zip(qs, ks, strict=True)):
+        for j in range(b):
+            torch.bmm(k[j], q[j].transpose(1, 2), out=out[i, j])
+    return out.view(-1, *out.shape[-2:])
 
 
-def _log_maps(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """log softmax over image positions of _scores (L * M, T, N), in at least fp32."""
-    return torch.log_softmax(_scores(q, k, scale), -1, dtype=_softmax_dtype(q))
+def _scores_grads(dz: torch.Tensor, qs: tuple[torch.Tensor, ...], ks: tuple[torch.Tensor, ...]):
+    """Gradients of the _scores layout for dz (L * B * h, T, N): dq = dz^T k and dk = dz q per layer, written in
+    the (B, S, h * hd) layout of the projections they flow back into (no copies on the way), returned as
+    q- and k-shaped views."""
+    b, h, n, hd = qs[0].shape
+    t = ks[0].shape[2]
+    dz = dz.view(len(qs), b, h, t, n)
+    dq = qs[0].new_empty(len(qs), b, n, h, hd)
+    dk = ks[0].new_empty(len(ks), b, t, h, hd)
+    for i, (q, k) in enumerate(zip(qs, ks, strict=True)):
+        for j in range(b):
+            torch.bmm(dz[i, j].transpose(1, 2), k[j], out=dq[i, j].transpose(0, 1))
+            torch.bmm(dz[i, j], q[j], out=dk[i, j].transpose(0, 1))
+    return dq.transpose(2, 3).unbind(0), dk.transpose(2, 3).unbind(0)
+
+
+def _log_maps(qs, ks, scale: float) -> torch.Tensor:
+    """log softmax over image positions of scale * _scores (L * B * h, T, N), in at least fp32."""
+    return torch.log_softmax(_scores(qs, ks) * scale, -1, dtype=_softmax_dtype(qs[0]))
 
 
 def _softmax_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, torch.float32)  # bf16 maps in fp32, float64 (the tests) stays float64
 
 
-def _stacked(ts: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """(B, h, S, hd) views of L layers -> one (L, B * h, S, hd) tensor (a transient copy)."""
-    return torch.stack(ts).flatten(1, 2)
-
-
 class GroupEntropy(torch.autograd.Function):
     """attention_entropy of L same-shape layers at once: apply(scale, L, q_1..q_L, k_1..k_L) with each q (B, h, N,
     hd) and k (B, h, T, hd) unscaled, as the attention processor has them -> (L,) nats.
 
-    One batched GEMM, softmax and reduction for the group instead of ~20 small kernels per layer forward and
-    backward (70 cross-attention layers on SDXL: most of the term's cost was launches). Keeps only the layers' own
-    q and k (which SDPA keeps anyway: no copy is held) and the row entropies; the backward restacks them and
-    recomputes the maps: with H = -sum p log p over a row, dH/dz = -p (log p + H). Eager autograd keeps two fp32
-    (B, h, T, N) maps per layer (~0.9 GB on SDXL). Autocast is off inside: the scores are formed in q's dtype.
-    On CUDA the softmax, entropy and dz are Triton row kernels (triton_ops), one pass over the scores each; the
-    torch form of the same maths runs elsewhere.
+    The scores of the group go into one buffer (a GEMM per layer reading q and k in place), then one softmax and
+    reduction for all of them instead of ~20 small kernels per layer forward and backward. Keeps only the layers'
+    own q and k (which SDPA keeps anyway: no copy is held) and the row entropies; the backward recomputes the
+    scores: with H = -sum p log p over a row, dH/dz = -p (log p + H), and writes dq and dk in the projections'
+    layout. Eager autograd keeps two fp32 (B, h, T, N) maps per layer (~0.9 GB on SDXL). Autocast is off inside:
+    the scores are formed in q's dtype. On CUDA the softmax, entropy and dz are Triton row kernels (triton_ops), one
+    pass over the scores each; elsewhere the torch form of the same maths runs.
     """
 
     @staticmethod
     def forward(ctx, scale, n, *qk):
         qs, ks = qk[:n], qk[n:]
         with torch.autocast(qs[0].device.type, enabled=False):
-            q, k = _stacked(qs), _stacked(ks)
-            if triton_ops.usable(q):  # one pass over the scores, nothing in fp32 but one value per row
-                ent, lse = triton_ops.row_entropy(_scores(q, k, scale))  # (L * M, T) each
+            if triton_ops.usable(qs[0]):  # one pass over the scores, nothing in fp32 but one value per row
+                ent, lse = triton_ops.row_entropy(_scores(qs, ks), scale)  # (L * M, T) each
             else:
-                logp = _log_maps(q, k, scale)  # (L * M, T, N)
+                logp = _log_maps(qs, ks, scale)  # (L * M, T, N)
                 ent, lse = logp.exp().mul_(logp).sum(-1).neg_(), None  # in place: one map besides logp
         ctx.save_for_backward(*qk, ent, lse)
         ctx.scale, ctx.n = scale, n
@@ -332,19 +348,17 @@ class GroupEntropy(torch.autograd.Function):
         n = ctx.n
         qs, ks = qk[:n], qk[n:]
         with torch.autocast(g.device.type, enabled=False):
-            q, k = _stacked(qs), _stacked(ks)
             rows = ent.numel() // n  # each layer's value is the mean over its rows; z = scale k q^T
             if lse is not None:  # the kernel turns the recomputed scores into dz in place, one pass
                 w = g.float() * (-ctx.scale / rows)
-                dz = triton_ops.row_entropy_backward_(_scores(q, k, ctx.scale), lse, ent, w)
+                dz = triton_ops.row_entropy_backward_(_scores(qs, ks), lse, ent, w, ctx.scale)
             else:
-                logp = _log_maps(q, k, ctx.scale)
+                logp = _log_maps(qs, ks, ctx.scale)
                 w = (g.to(logp.dtype) * (-ctx.scale / rows)).view(n, 1, 1, 1)  # per layer, its (M, T, N) block
                 dz = logp.exp().mul_(logp.add_(ent[..., None])).view(n, -1, *logp.shape[1:]).mul_(w)
                 del logp
-                dz = dz.to(q.dtype).view(-1, *dz.shape[2:])  # (L * M, T, N)
-            dq = (dz.transpose(1, 2) @ k.reshape(-1, *k.shape[-2:])).view(n, *qs[0].shape).unbind(0)
-            dk = (dz @ q.reshape(-1, *q.shape[-2:])).view(n, *ks[0].shape).unbind(0)
+                dz = dz.to(qs[0].dtype).view(-1, *dz.shape[2:])  # (L * M, T, N)
+            dq, dk = _scores_grads(dz, qs, ks)
         return None, None, *dq, *dk
 
 

@@ -42,8 +42,8 @@ def _block(n: int) -> tuple[int, int]:
 
 if triton is not None:
     @triton.jit
-    def _row_entropy_fwd(z_ptr, h_ptr, lse_ptr, n_cols, BLOCK: tl.constexpr):
-        """H = -sum p log p and lse = log sum exp z of one row z, p = softmax(z), fp32, one pass (online max):
+    def _row_entropy_fwd(z_ptr, h_ptr, lse_ptr, n_cols, scale, BLOCK: tl.constexpr):
+        """H = -sum p log p and lse = log sum exp z of one row z = scale * x, p = softmax(z), fp32, one pass:
         per lane m (max), s = sum e^(z-m), t = sum e^(z-m) z; then H = lse - E_p[z]."""
         row = tl.program_id(0).to(tl.int64)
         base = z_ptr + row * n_cols
@@ -54,7 +54,7 @@ if triton is not None:
         for start in tl.range(0, n_cols, BLOCK):
             cols = start + offs
             inside = cols < n_cols
-            z = tl.load(base + cols, mask=inside, other=float("-inf")).to(tl.float32)
+            z = tl.load(base + cols, mask=inside, other=float("-inf")).to(tl.float32) * scale
             m_new = tl.maximum(m, z)
             alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
             e = tl.where(inside, tl.exp(z - m_new), 0.0)
@@ -69,9 +69,9 @@ if triton is not None:
         tl.store(lse_ptr + row, lse)
 
     @triton.jit
-    def _row_entropy_bwd(z_ptr, lse_ptr, h_ptr, w_ptr, n_cols, rows_per_w, BLOCK: tl.constexpr):
-        """In place over z: dz = w p (log p + H), the gradient of -w H (dH/dz = -p (log p + H)); w per block of
-        rows_per_w rows (one layer)."""
+    def _row_entropy_bwd(z_ptr, lse_ptr, h_ptr, w_ptr, n_cols, rows_per_w, scale, BLOCK: tl.constexpr):
+        """In place over x, z = scale * x: w p (log p + H), which for w = -c scale is the gradient of c H w.r.t. x
+        (dH/dz = -p (log p + H)); w per block of rows_per_w rows (one layer)."""
         row = tl.program_id(0).to(tl.int64)
         base = z_ptr + row * n_cols
         lse = tl.load(lse_ptr + row)
@@ -81,7 +81,7 @@ if triton is not None:
         for start in tl.range(0, n_cols, BLOCK):
             cols = start + offs
             inside = cols < n_cols
-            logp = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32) - lse
+            logp = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32) * scale - lse
             tl.store(base + cols, (tl.exp(logp) * (logp + h) * w).to(z_ptr.dtype.element_ty), mask=inside)
 
 
@@ -163,8 +163,8 @@ def resize_slots(old: torch.Tensor, new: torch.Tensor, std: torch.Tensor, a: lis
                         n, len(a_moments), len(b_moments), R, K, D, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
 
 
-def row_entropy(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy (nats) and log-sum-exp of softmax over the last dimension of a contiguous z, fp32, one per row."""
+def row_entropy(z: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy (nats) and log-sum-exp of softmax(scale * z) over the last dimension, fp32, one per row."""
     z = z.contiguous()
     n = z.shape[-1]
     rows = z.numel() // n
@@ -172,18 +172,19 @@ def row_entropy(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lse = torch.empty_like(h)
     if rows:
         block, warps = _block(n)
-        _row_entropy_fwd[(rows,)](z, h, lse, n, BLOCK=block, num_warps=warps)
+        _row_entropy_fwd[(rows,)](z, h, lse, n, float(scale), BLOCK=block, num_warps=warps)
     return h, lse
 
 
-def row_entropy_backward_(z: torch.Tensor, lse: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Overwrite contiguous z with w_l p (log p + H) row by row (z's rows split evenly over the weights w_l, fp32)
-    and return it: times -1, the gradient of sum_l w_l sum_rows H."""
+def row_entropy_backward_(z: torch.Tensor, lse: torch.Tensor, h: torch.Tensor, w: torch.Tensor,
+                          scale: float = 1.0) -> torch.Tensor:
+    """Overwrite contiguous z with w_l p (log p + H), p = softmax(scale * z), row by row (z's rows split evenly over
+    the weights w_l, fp32) and return it: for w_l = -c_l scale, the gradient of sum_l c_l sum_rows H w.r.t. z."""
     n = z.shape[-1]
     rows = z.numel() // n
     if rows:
         assert z.is_contiguous() and rows % w.numel() == 0
         block, warps = _block(n)
-        _row_entropy_bwd[(rows,)](z, lse, h, w.float().contiguous(), n, rows // w.numel(), BLOCK=block,
-                                  num_warps=warps)
+        _row_entropy_bwd[(rows,)](z, lse, h, w.float().contiguous(), n, rows // w.numel(), float(scale),
+                                  BLOCK=block, num_warps=warps)
     return z
