@@ -163,7 +163,7 @@ def graphed(core, before):
             core()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):  # the warm-up's stream, as the trainer (engine/step_graph.py)
         core()
 
     def step():

@@ -46,7 +46,7 @@ def trial(method: str, in_place: bool) -> None:
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):  # as the trainer
             step()
         graph.replay()
         torch.cuda.synchronize()

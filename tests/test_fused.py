@@ -94,11 +94,9 @@ def test_gradients_added_in_place_equal_returned_gradients(method, zeros):
     got = _accumulated(model, ad, xs, True, zeros)
     for a, b in zip(got, ref, strict=True):
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
-    # the leaf factors the fused op receives (LoRA's A and B, TriLoRA's and LoRA²'s A; their B arrives folded)
-    # took the in-place way: autograd delivers no gradient for them
-    leaves = [layer.down_up()[0] for layer in ad.layers.values()]
-    if method in ("lora", "ac_lora"):
-        leaves += [layer.down_up()[1] for layer in ad.layers.values()]
+    # every leaf took the in-place way: the fused op's factors, the B and TriLoRA's sigma that FoldVectors folds,
+    # LoRA²'s rho through StackLeaves; autograd delivers no gradient for them
+    leaves = list(ad.parameters())
     ad.set_grads_in_place(True)
     assert all(g is None for g in torch.autograd.grad(model(xs[0]).sum(), leaves, allow_unused=True))
     ad.set_grads_in_place(False)
@@ -264,7 +262,7 @@ def test_fold_vectors_equals_plain_autograd_and_keeps_no_copies():
         t.grad = None
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        got = FoldVectors.apply(0.5, torch.float64, 4, *ups, *vecs)
+        got = FoldVectors.apply(0.5, torch.float64, 4, False, *ups, *vecs)
     assert {t.data_ptr() for t in saved} == {t.data_ptr() for t in ups + vecs}
     assert torch.allclose(got, ref, rtol=1e-12)
     (got * w).sum().backward()
@@ -273,7 +271,7 @@ def test_fold_vectors_equals_plain_autograd_and_keeps_no_copies():
 
     ups32 = [u.detach().float().requires_grad_() for u in ups]
     vecs32 = [v.detach().float().requires_grad_() for v in vecs]
-    low = FoldVectors.apply(0.5, torch.bfloat16, 4, *ups32, *vecs32)
+    low = FoldVectors.apply(0.5, torch.bfloat16, 4, False, *ups32, *vecs32)
     assert low.dtype == torch.bfloat16 and torch.allclose(low.double(), ref, rtol=1e-2, atol=1e-2)
     (low.float() * w.float()).sum().backward()
     assert all(t.grad.dtype == torch.float32 for t in ups32 + vecs32)

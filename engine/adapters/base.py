@@ -254,14 +254,19 @@ class FoldVectors(torch.autograd.Function):
     for the layers: two extra copies of all B at the step's memory peak (~0.7 GB for LoRA² r64 on SDXL). The
     layers' gradient for s B diag(v) arrives in the compute dtype, as the gradient of any weight used under
     autocast does; the B_i and v_i gradients are formed from it in their own dtype.
+
+    in_place (the trainer in one process, see AdapterSet.set_grads_in_place): the gradients of B_i or v_i that are
+    leaf parameters go straight into their .grad in one foreach add, and autograd gets None for them. Returned,
+    autograd adds each into its .grad with one small kernel per layer (1,120 on SDXL for TriLoRA's B and sigma).
     """
 
     @staticmethod
-    def forward(ctx, scale, dtype, n, *tensors):
+    def forward(ctx, scale, dtype, n, in_place, *tensors):
         ups, vecs = tensors[:n], tensors[n:]
         out = (torch.stack(ups) * (torch.stack(vecs) * scale)[:, None, :]).to(dtype)
         ctx.save_for_backward(*tensors)
         ctx.scale, ctx.n = scale, n
+        ctx.into = [bool(in_place) and all(t.is_leaf and t.requires_grad for t in part) for part in (ups, vecs)]
         return out
 
     @staticmethod
@@ -272,11 +277,46 @@ class FoldVectors(torch.autograd.Function):
         ups, vecs = tensors[:n], tensors[n:]
         g = g.to(ups[0].dtype)
         grad_ups = grad_vecs = (None,) * n
-        if any(ctx.needs_input_grad[3:3 + n]):
+        if any(ctx.needs_input_grad[4:4 + n]):
             grad_ups = (g * (torch.stack(vecs).to(g.dtype) * s)[:, None, :]).unbind(0)
-        if any(ctx.needs_input_grad[3 + n:]):
+            if ctx.into[0]:
+                grad_ups = add_into_grads(ups, grad_ups)
+        if any(ctx.needs_input_grad[4 + n:]):
             grad_vecs = ((g * torch.stack(ups)).sum(1) * s).to(vecs[0].dtype).unbind(0)
-        return None, None, None, *grad_ups, *grad_vecs
+            if ctx.into[1]:
+                grad_vecs = add_into_grads(vecs, grad_vecs)
+        return None, None, None, None, *grad_ups, *grad_vecs
+
+
+def add_into_grads(params, grads) -> tuple[None, ...]:
+    """p.grad += g for every pair, in one foreach add (a .grad not yet there gets its own copy); returns Nones
+    for autograd, which then has nothing to add."""
+    have = [(p.grad, g) for p, g in zip(params, grads, strict=True) if p.grad is not None]
+    if have:
+        torch._foreach_add_([a for a, _ in have], [b.to(a.dtype) for a, b in have])
+    for p, g in zip(params, grads, strict=True):
+        if p.grad is None:
+            p.grad = g.to(p.dtype, copy=True).contiguous()
+    return (None,) * len(params)
+
+
+class StackLeaves(torch.autograd.Function):
+    """torch.stack of n same-shape leaf parameters, apply(in_place, p_1..p_n); with in_place their gradients go
+    straight into .grad in one foreach add (add_into_grads) instead of one autograd accumulation kernel each."""
+
+    @staticmethod
+    def forward(ctx, in_place, *params):
+        into = bool(in_place) and all(p.is_leaf and p.requires_grad for p in params)
+        ctx.params = params if into else None  # the leaves themselves (not saved tensors: no version check)
+        return torch.stack(params)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        grads = g.unbind(0)
+        if ctx.params is not None:
+            return None, *add_into_grads(ctx.params, grads)
+        return None, *grads
 
 
 def fold_vector(up: torch.Tensor, vec: torch.Tensor, scale: float) -> torch.Tensor:
@@ -343,7 +383,8 @@ class AdapterSet:
         for (_, scale, cd), group in groups.items():
             # fp16 keeps an fp32 fold (its gradient stays fp32: a loss-scaled fp16 B-sized gradient could overflow)
             out = torch.float32 if cd == torch.float16 else cd
-            folded = FoldVectors.apply(scale, out, len(group), *[layer.down_up()[1] for layer in group],
+            folded = FoldVectors.apply(scale, out, len(group), group[0].grads_in_place,
+                                       *[layer.down_up()[1] for layer in group],
                                        *[layer.forward_vector() for layer in group])  # (n, d, r)
             compute = folded if out == cd else folded.detach().to(cd)
             for layer, f, c in zip(group, folded.unbind(0), compute.unbind(0), strict=True):

@@ -14,7 +14,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from engine.adapters import triton_ops
-from engine.adapters.base import AdapterConfig, AdapterLayer, AdapterSet, _versions, opt
+from engine.adapters.base import AdapterConfig, AdapterLayer, AdapterSet, StackLeaves, _versions, opt
 from engine.adapters.registry import Method, register
 
 
@@ -455,7 +455,7 @@ class LoRA2Set(AdapterSet):
         layers = list(self.layers.values())
         if not layers:
             return
-        nus = F.softplus(torch.stack([layer.rho for layer in layers]))  # (L,)
+        nus = F.softplus(StackLeaves.apply(layers[0].grads_in_place, *[layer.rho for layer in layers]))  # (L,)
         self._nus = (nus, torch.is_grad_enabled())  # the rank regulariser reuses it: one gradient path into rho
         lam = importance(nus[:, None], self.config.max_rank) * torch.stack([layer.active for layer in layers])
         if self.config.normalise:
