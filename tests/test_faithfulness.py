@@ -595,23 +595,37 @@ def test_lora2_batched_entropy_term_equals_the_per_layer_one():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_group_entropy_equals_the_eager_one():
-    """GroupEntropy on SDXL- and SD1.5-sized maps in bf16 gives the eager per-layer value and gradients."""
+    """GroupEntropy on SDXL- and SD1.5-sized maps in bf16 (Triton row kernels) is as close to the float64 value and
+    gradients as the eager per-layer bf16 form is (both round scores to bf16; neither is the reference)."""
     from engine.adapters.lora2 import batched_token_entropies, token_entropy
 
-    for shape in [(1, 4096, 77, 10, 64), (1, 1024, 77, 20, 64), (4, 1024, 77, 8, 40)]:
-        views = [_processor_views(*shape, device="cuda", dtype=torch.bfloat16, seed=i) for i in range(3)]
-        scale = shape[-1] ** -0.5
-        ref = torch.stack([token_entropy(qv, kv, scale) for _, _, qv, kv in views]).sum()
-        ref.backward()
-        want = [(q.grad.float(), k.grad.float()) for q, k, _, _ in views]
+    def run(views, batched):
         for q, k, _, _ in views:
             q.grad = k.grad = None
-        got = torch.stack(batched_token_entropies([(qv, kv, scale) for _, _, qv, kv in views])).sum()
-        got.backward()
-        assert float(got) == pytest.approx(float(ref), rel=2e-3), shape
-        for (q, k, _, _), (gq, gk) in zip(views, want, strict=True):
-            for a, c in ((gq, q.grad.float()), (gk, k.grad.float())):
-                assert float((c - a).norm() / a.norm()) < 2e-2, shape
+        if batched:
+            out = torch.stack(batched_token_entropies([(qv, kv, scale) for _, _, qv, kv in views])).sum()
+        else:
+            out = torch.stack([token_entropy(qv, kv, scale) for _, _, qv, kv in views]).sum()
+        out.backward()
+        return float(out), [(q.grad.double(), k.grad.double()) for q, k, _, _ in views]
+
+    for shape in [(1, 4096, 77, 10, 64), (1, 1024, 77, 20, 64), (4, 1024, 77, 8, 40)]:
+        b, n, t, h, hd = shape
+        views = [_processor_views(*shape, device="cuda", dtype=torch.bfloat16, seed=i) for i in range(3)]
+        exact = []  # the very same (bf16-valued) inputs in float64
+        for q, k, _, _ in views:
+            q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+            exact.append((q64, k64, q64.view(b, n, h, hd).transpose(1, 2), k64.view(b, t, h, hd).transpose(1, 2)))
+        scale = hd ** -0.5
+        ref, ref_grads = run(exact, False)
+        errors = {}
+        for batched in (False, True):
+            val, grads = run(views, batched)
+            assert val == pytest.approx(ref, rel=2e-3), (shape, batched)
+            errors[batched] = max(float((g - r).norm() / r.norm())
+                                  for pair, ref_pair in zip(grads, ref_grads, strict=True)
+                                  for g, r in zip(pair, ref_pair, strict=True))
+        assert errors[True] < 1.5 * errors[False] + 5e-3, (shape, errors)
 
 
 @pytest.mark.parametrize("route", ["qr", "gram"])
