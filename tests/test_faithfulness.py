@@ -818,3 +818,31 @@ def test_kernel_resize_equals_the_torch_form(kernel_device, monkeypatch):
 def _init_std_of(layer):
     from engine.adapters.lora2 import _init_stds
     return _init_stds([layer], layer.active[None])[0]
+
+
+def test_triton_failure_falls_back_to_the_torch_form(monkeypatch):
+    """A device where Triton's first kernel fails to compile or launch (no C compiler, say) gets one warning and
+    the torch form from then on; inside a CUDA graph capture nothing is compiled or cached."""
+    from engine.adapters import triton_ops
+
+    calls = []
+
+    def broken(z, scale=1.0):
+        calls.append(z.device)
+        raise RuntimeError("Failed to find C compiler")
+
+    class FakeCuda:  # what usable() reads of a CUDA tensor
+        is_cuda, dtype, device = True, torch.bfloat16, torch.device("cpu")
+
+    monkeypatch.setattr(triton_ops, "triton", object())
+    monkeypatch.setattr(triton_ops, "row_entropy", broken)
+    monkeypatch.setattr(triton_ops, "_WORKS", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert triton_ops.usable(FakeCuda()) is False and calls == [] and triton_ops._WORKS == {}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with pytest.warns(RuntimeWarning, match="C compiler"):
+        assert triton_ops.usable(FakeCuda()) is False
+    assert triton_ops.usable(FakeCuda()) is False and len(calls) == 1  # checked once per device
+    monkeypatch.setattr(triton_ops, "_WORKS", {})
+    monkeypatch.setattr(triton_ops, "row_entropy", lambda z, scale=1.0: calls.append("ok"))
+    assert triton_ops.usable(FakeCuda()) is True and triton_ops.usable(FakeCuda()) is True and calls[-1] == "ok"

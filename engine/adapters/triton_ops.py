@@ -11,7 +11,7 @@ Every kernel has a torch equivalent in the caller, used on the CPU, without Trit
 """
 from __future__ import annotations
 
-import functools
+import warnings
 
 import torch
 
@@ -24,14 +24,35 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
-@functools.cache
-def _triton_works() -> bool:
-    return triton is not None and torch.cuda.is_available()
+_WORKS: dict[torch.device, bool] = {}  # per device: did a first kernel compile and launch?
+
+
+def _works_on(device: torch.device) -> bool:
+    """Triton is importable and its kernels compile and launch here (checked once per device, outside any CUDA
+    graph capture; no host sync). Triton needs a C compiler at run time to build its launcher: an image without
+    one gets a warning and the torch form, not a failed training."""
+    ok = _WORKS.get(device)
+    if ok is None:
+        if triton is None:
+            ok = False
+        elif torch.cuda.is_current_stream_capturing():
+            return False  # not now: compiling inside a capture would break it
+        else:
+            try:
+                row_entropy(torch.zeros(2, 16, device=device))
+                ok = True
+            except Exception as e:  # noqa: BLE001 - any compile or launch failure means: use the torch form
+                warnings.warn(f"Triton kernels unavailable on {device} ({type(e).__name__}: {str(e)[:200]}); "
+                              "LoRA² uses its slower torch form", RuntimeWarning, stacklevel=2)
+                ok = False
+        _WORKS[device] = ok
+    return ok
 
 
 def usable(t: torch.Tensor) -> bool:
-    """Whether the kernels here can run on this tensor (CUDA, Triton present, a 16- or 32-bit float)."""
-    return ENABLED and t.is_cuda and t.dtype in (torch.bfloat16, torch.float16, torch.float32) and _triton_works()
+    """Whether the kernels here can run on this tensor (CUDA, Triton working there, a 16- or 32-bit float)."""
+    return (ENABLED and t.is_cuda and t.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and _works_on(t.device))
 
 
 def _block(n: int) -> tuple[int, int]:
