@@ -813,6 +813,44 @@ def test_kernel_resize_equals_the_torch_form(kernel_device, monkeypatch):
             with torch.no_grad():  # the next round starts both from the same draws
                 la.lora_A.copy_(lb.lora_A)
         a.refresh_shadows()
+    # A changed after its compute copy was made (no refresh): the kernel must not mark that copy current
+    with torch.autocast(kernel_device, dtype=torch.bfloat16):
+        b.model(torch.randn(4, 512, device=kernel_device)).float().pow(2).mean().backward()
+    ob.step()
+    with torch.no_grad():
+        for layer, r in zip(b.layers.values(), (41, 9, 1)):
+            layer.rho.fill_(inverse_softplus(nu_for_rank(r, 0.9)))
+    b.before_step(0, ob, sync=False)
+    for layer in b.layers.values():
+        assert torch.equal(layer.compute_copies(layer.lora_A, None, torch.bfloat16)[0],
+                           layer.lora_A.detach().to(torch.bfloat16))
+
+
+def test_resize_kernel_takes_only_groups_it_can_write():
+    """_slot_moments (the kernel's gate): fp32 factors with one bf16/fp16 compute-copy dtype; A's and B's moments
+    decided separately (a factor without state yet gets none); fp64 copies or non-fp32 moments: the torch form."""
+    from engine.adapters.lora2 import _slot_moments
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    ad = inject(model, make_config("lora2", rank=2, max_rank=4, targets="0,1", lambda_e=0.0))
+    layers = list(ad.layers.values())
+    opt = torch.optim.AdamW([layer.lora_A for layer in layers], lr=1e-2)
+    for layer in layers:
+        layer.lora_A.grad = torch.ones_like(layer.lora_A)
+    opt.step()
+    am, bm = _slot_moments(opt, layers)
+    assert [len(x) for x in am] == [2, 2] and bm == []  # exp_avg, exp_avg_sq of A; B has no state
+    assert _slot_moments(None, layers) == ([], [])
+    for dtype, takes in ((torch.bfloat16, True), (torch.float16, True), (torch.float64, False)):
+        for layer in layers:
+            layer._shadow = (None, layer.lora_A.detach().to(dtype), None)
+        assert (_slot_moments(opt, layers) is not None) == takes, dtype
+    layers[0]._shadow = (None, layers[0].lora_A.detach().to(torch.float16), None)  # mixed bf16 / fp16
+    layers[1]._shadow = (None, layers[1].lora_A.detach().to(torch.bfloat16), None)
+    assert _slot_moments(opt, layers) is None
+    layers[0]._shadow = layers[1]._shadow = None
+    opt.state[layers[1].lora_A]["exp_avg"] = opt.state[layers[1].lora_A]["exp_avg"].double()
+    assert _slot_moments(opt, layers) is None
 
 
 def _init_std_of(layer):
@@ -843,6 +881,9 @@ def test_triton_failure_falls_back_to_the_torch_form(monkeypatch):
     with pytest.warns(RuntimeWarning, match="C compiler"):
         assert triton_ops.usable(FakeCuda()) is False
     assert triton_ops.usable(FakeCuda()) is False and len(calls) == 1  # checked once per device
-    monkeypatch.setattr(triton_ops, "_WORKS", {})
-    monkeypatch.setattr(triton_ops, "row_entropy", lambda z, scale=1.0: calls.append("ok"))
-    assert triton_ops.usable(FakeCuda()) is True and triton_ops.usable(FakeCuda()) is True and calls[-1] == "ok"
+    monkeypatch.setattr(triton_ops, "_WORKS", {})  # a device where every kernel compiles: checked once, then used
+    monkeypatch.setattr(triton_ops, "row_entropy", lambda z, scale=1.0: calls.append("fwd") or (z[:, 0], z[:, 0]))
+    monkeypatch.setattr(triton_ops, "row_entropy_backward_", lambda *a: calls.append("bwd"))
+    monkeypatch.setattr(triton_ops, "resize_slots", lambda *a, seed=None: calls.append(("resize", seed is not None)))
+    assert triton_ops.usable(FakeCuda()) is True and triton_ops.usable(FakeCuda()) is True
+    assert calls[1:] == ["fwd", "bwd", ("resize", True)]  # each kernel once; the resize not on the run's generator

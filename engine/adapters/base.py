@@ -247,7 +247,7 @@ class AdapterLayer(nn.Module):
 
 class FoldVectors(torch.autograd.Function):
     """s B_i diag(v_i) of n same-shape layers, delivered in the compute dtype as one (n, d, r) tensor:
-    apply(scale, compute_dtype, n, B_1..B_n, v_1..v_n).
+    apply(scale, compute_dtype, n, in_place, B_1..B_n, v_1..v_n).
 
     The fp32 stack and product are transient; the backward keeps only the B_i and v_i themselves. Plain autograd
     (stack, multiply, cast) kept a stacked fp32 copy of every B for the multiply's backward and the fp32 product

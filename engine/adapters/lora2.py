@@ -199,22 +199,32 @@ def _init_stds(layers: list[LoRA2Layer], new: torch.Tensor) -> torch.Tensor:
 
 
 def _slot_moments(optimizer: torch.optim.Optimizer | None, layers: list[LoRA2Layer]) -> tuple | None:
-    """The optimizer moments the resize kernel zeroes, per state key: ([A's of every layer], ...), ([B's], ...);
-    None when the kernel cannot take this group (non-fp32 or non-contiguous factors or moments, mixed states)."""
-    params = [layer.lora_A for layer in layers] + [layer.lora_B for layer in layers]
-    if any(p.dtype != torch.float32 or not p.is_contiguous() for p in params):
+    """The optimizer moments the resize kernel zeroes, per state key: ([A's of every layer], ...), ([B's], ...)
+    (empty for a factor whose moments do not all exist yet, as before the first optimizer step); None when the
+    kernel cannot take this group: factors or moments not fp32, contiguous and on the factor's device, or
+    compute copies of A in another dtype than one shared bf16 or fp16."""
+    a = [layer.lora_A for layer in layers]
+    b = [layer.lora_B for layer in layers]
+    if any(p.dtype != torch.float32 or not p.is_contiguous() for p in a + b):
         return None
-    states = [optimizer.state.get(p) for p in params] if optimizer is not None else []
-    if not states or not all(states):  # before the first optimizer step there are no moments
-        return (), ()
+    copies = {(sh[1].dtype, sh[1].device, sh[1].is_contiguous()) for sh in (layer._shadow for layer in layers)
+              if sh is not None}
+    if len(copies) > 1 or any(c[0] not in (torch.bfloat16, torch.float16) or c[1] != a[0].device or not c[2]
+                              for c in copies):
+        return None
     out = []
-    for part in (params[:len(layers)], params[len(layers):]):
-        keys = [key for key, v in optimizer.state[part[0]].items() if torch.is_tensor(v) and v.shape == part[0].shape]
+    for part in (a, b):
+        states = [optimizer.state.get(p) for p in part] if optimizer is not None else []
+        if not states or not all(states):
+            out.append([])
+            continue
         lists = []
-        for key in keys:
-            ms = [optimizer.state[p].get(key) for p in part]
+        for key, v in states[0].items():
+            if not (torch.is_tensor(v) and v.shape == part[0].shape):
+                continue  # the step count and other scalars
+            ms = [st.get(key) for st in states]
             if any(m is None or m.dtype != torch.float32 or not m.is_contiguous() or m.shape != p.shape
-                   for m, p in zip(ms, part, strict=True)):
+                   or m.device != p.device for m, p in zip(ms, part, strict=True)):
                 return None
             lists.append(ms)
         out.append(lists)
@@ -232,7 +242,10 @@ def _resize_in_kernel(layers: list[LoRA2Layer], ranks, moments: tuple) -> None:
     old_d = torch.stack([layer.active for layer in layers]).sum(1)
     std = _init_stds(layers, new)
     torch._foreach_copy_([layer.active.view(torch.uint8) for layer in layers], list(new.view(torch.uint8).unbind(0)))
-    shadows = [layer._shadow[1] if layer._shadow is not None else None for layer in layers]
+    # a compute copy is rewritten with its slots only if it was current: one made before A last changed stays
+    # stale (its key no longer matches) and is re-cast where it is next used
+    fresh = [layer._shadow is not None and layer._shadow[0][1:] == _versions(layer.lora_A, None) for layer in layers]
+    shadows = [layer._shadow[1] if ok else None for layer, ok in zip(layers, fresh, strict=True)]
     a = [layer.lora_A for layer in layers]
     b = [layer.lora_B for layer in layers]
     triton_ops.resize_slots(old_d, new_d, std, a, b, shadows, *moments)
@@ -244,7 +257,7 @@ def _resize_in_kernel(layers: list[LoRA2Layer], ranks, moments: tuple) -> None:
     for i, layer in enumerate(layers):
         if on_host:
             layer._rank_cache = ((layer.active._version, layer.active.data_ptr()), int(min(max(ranks[i], 0), R)))
-        if layer._shadow is not None:  # rewritten by the kernel too
+        if fresh[i]:  # rewritten by the kernel too
             key, down_c, up_c = layer._shadow
             layer._shadow = ((key[0], *_versions(layer.lora_A, None)), down_c, up_c)
 

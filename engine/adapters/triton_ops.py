@@ -38,8 +38,15 @@ def _works_on(device: torch.device) -> bool:
         elif torch.cuda.is_current_stream_capturing():
             return False  # not now: compiling inside a capture would break it
         else:
-            try:
-                row_entropy(torch.zeros(2, 16, device=device))
+            try:  # each kernel once, on tiny inputs
+                z = torch.zeros(2, 16, device=device)
+                h, lse = row_entropy(z)
+                row_entropy_backward_(z, lse, h, torch.ones(1, device=device))
+                a, b = torch.zeros(2, 4, device=device), torch.zeros(3, 2, device=device)
+                ranks = torch.arange(2, device=device)
+                resize_slots(ranks[:1], ranks[1:], torch.ones(1, device=device), [a], [b],
+                             [torch.zeros(2, 4, device=device, dtype=torch.bfloat16)], [[a.clone()]], [[b.clone()]],
+                             seed=ranks[:1])  # not from the run's generator: the check leaves its stream alone
                 ok = True
             except Exception as e:  # noqa: BLE001 - any compile or launch failure means: use the torch form
                 warnings.warn(f"Triton kernels unavailable on {device} ({type(e).__name__}: {str(e)[:200]}); "
@@ -163,17 +170,19 @@ def _table(ptrs: list[int], device: torch.device) -> torch.Tensor:
 
 def resize_slots(old: torch.Tensor, new: torch.Tensor, std: torch.Tensor, a: list[torch.Tensor],
                  b: list[torch.Tensor], shadows: list[torch.Tensor | None], a_moments: list[list[torch.Tensor]],
-                 b_moments: list[list[torch.Tensor]]) -> None:
+                 b_moments: list[list[torch.Tensor]], seed: torch.Tensor | None = None) -> None:
     """Rewrite the slots between old[i] and new[i] of same-shape layers i (see _resize_slots), in place.
 
     a: fp32 (R, k) factors, b: fp32 (d, R), shadows: each A's compute-dtype copy or None, a_moments/b_moments:
     per optimizer state key, the fp32 moment of every layer's A / B. old, new: (n,) ranks; std: (n,) fp32.
-    Random rows come from a seed drawn from the device's torch generator (reproducible under manual_seed)."""
+    Random rows come from `seed` (a (1,) int64 device tensor), by default drawn from the device's torch generator
+    (reproducible under manual_seed)."""
     n, dev = len(a), a[0].device
     (R, K), D = a[0].shape, b[0].shape[0]
-    seed = torch.randint(0, 2 ** 62, (1,), device=dev)
-    real = [s for s in shadows if s is not None]
-    like = real[0] if real else a[0]
+    if seed is None:
+        seed = torch.randint(0, 2 ** 62, (1,), device=dev)
+    real = [s for s in shadows if s is not None]  # one dtype, bf16 or fp16 (the caller checks)
+    like = real[0] if real else torch.empty(1, device=dev, dtype=torch.bfloat16)  # no copy is written then
     block_k = min(triton.next_power_of_2(K), 1024)
     block_d = min(triton.next_power_of_2(D), 1024)
     _resize_slots[(n,)](old, new, std.float().contiguous(), seed, _table([t.data_ptr() for t in a], dev),
