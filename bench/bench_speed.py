@@ -176,17 +176,13 @@ def graphed(core, before):
 def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, rank=16, method=None, mode="bf16",
              checkpointing=False, fused=True, graphs=False, results=None, extra=None, op="chain", clip=False,
              rank_updates: bool | str = "sync-free", grads_in_place: bool = True, batched_entropy: bool = True,
-             resize_chunk: int = 0, kernels: bool = True):
+             kernels: bool = True):
     from engine.adapters import fused as fused_module
-    from engine.adapters import lora2 as lora2_module
     from engine.adapters import triton_ops
 
     triton_ops.ENABLED = kernels  # LoRA²'s Triton kernels (entropy rows, resize) or their torch form; restored
 
     fused_module.FORWARD = op  # the fused op's form (see engine/adapters/fused.py); restored below
-    chunk = lora2_module.RESIZE_CHUNK_BYTES
-    if resize_chunk:
-        lora2_module.RESIZE_CHUNK_BYTES = resize_chunk
     try:
         unet = unet_fn()
         if checkpointing:
@@ -222,7 +218,6 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
         sec, peak = time_steps(step, device, warmup, steps, reset_peak=not graphs)
     finally:
         fused_module.FORWARD = "chain"
-        lora2_module.RESIZE_CHUNK_BYTES = chunk
         triton_ops.ENABLED = True
     row = {"name": name, "arch": arch, "batch": batch, "kind": kind, "method": method or kind, "rank": rank,
            "mode": mode + (" graph" if graphs else ""), "checkpointing": checkpointing, "fused": fused,

@@ -106,7 +106,7 @@ class GraphedStep:
                 p.grad = torch.zeros_like(p)
         static = {name: value.clone() for name, value in inputs.items()}
         graph = torch.cuda.CUDAGraph()
-        out = self._record(graph, self.forward_backward, static, pool=self._pool, stream=self._stream)
+        out = self._record(graph, self.forward_backward, static, pool=self._pool)
         if self._pool is None:
             self._pool = graph.pool()
         self._graphs[key] = (graph, static, out)
@@ -120,19 +120,18 @@ class GraphedStep:
                 self._eager(self.update_fn)
                 return
             graph = torch.cuda.CUDAGraph()
-            self._record(graph, self.update_fn, stream=self._stream)
+            self._record(graph, self.update_fn)
             self._update_graph = graph
         self._update_graph.replay()
 
-    @staticmethod
-    def _record(graph: torch.cuda.CUDAGraph, fn: Callable, *args, pool=None, stream=None):
+    def _record(self, graph: torch.cuda.CUDAGraph, fn: Callable, *args, pool=None):
         """Capture fn(*args) into graph on the warm-up's stream. Autograd remembers the stream where a parameter's
         gradient accumulator was made (the adapters keep some alive across steps, e.g. the folded B's graph), and
         a backward that ends by waiting on a stream outside the capture fails. thread_local: the studio's other
         threads may use CUDA meanwhile."""
         torch.cuda.synchronize()
         try:
-            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=pool, stream=self._stream, capture_error_mode="thread_local"):
                 return fn(*args)
         except Exception as e:
             raise CaptureError(f"{type(e).__name__}: {str(e)[:300]}") from e

@@ -160,33 +160,46 @@ def resize_layers(layers: list[LoRA2Layer], ranks: list[int] | torch.Tensor,
         for i in range(0, len(layers), step):
             resize_layers(layers[i:i + step], ranks[i:i + step], optimizer)
         return
-    on_host = not torch.is_tensor(ranks)
-    new = torch.arange(R, device=dev) < torch.as_tensor(ranks, device=dev)[:, None]  # (n, R)
-    old = torch.stack([layer.active for layer in layers])
+    new, old = _set_masks(layers, ranks)
     grown, keep = new & ~old, ~(new ^ old)
     std = _init_stds(layers, new)
     a = torch.stack([layer.lora_A for layer in layers])  # (n, R, k)
     fresh = torch.randn(a.shape, device=dev) * std[:, None, None]
     a = torch.where(grown[:, :, None], fresh.to(a.dtype), a * keep[:, :, None])
     b = torch.stack([layer.lora_B for layer in layers]) * keep[:, None, :]
-    # one foreach copy per dtype: a list that mixes bool and float takes the slow path (a memcpy per tensor)
-    torch._foreach_copy_([layer.active.view(torch.uint8) for layer in layers], list(new.view(torch.uint8).unbind(0)))
     torch._foreach_copy_([layer.lora_A for layer in layers] + [layer.lora_B for layer in layers],
                          list(a.unbind(0)) + list(b.unbind(0)))
-    shadows, rows = [], []
-    for i, (layer, row) in enumerate(zip(layers, a.unbind(0), strict=True)):
-        if on_host:
-            layer._rank_cache = ((layer.active._version, layer.active.data_ptr()), int(min(max(ranks[i], 0), R)))
-        if layer._shadow is not None:  # the compute-dtype copy of A the next forward reads, refreshed in place
-            key, down_c, up_c = layer._shadow
-            layer._shadow = ((key[0], *_versions(layer.lora_A, None)), down_c, up_c)
-            shadows.append(down_c)
-            rows.append(row)
-    if shadows:
-        torch._foreach_copy_(shadows, rows)
+    copied = [layer._shadow is not None for layer in layers]  # A's compute copies the next forward reads
+    if any(copied):
+        torch._foreach_copy_([layer._shadow[1] for layer, c in zip(layers, copied, strict=True) if c],
+                             [row for row, c in zip(a.unbind(0), copied, strict=True) if c])
+    _note_resized(layers, ranks, copied)
     if optimizer is not None:
         _reset_slots(optimizer, [layer.lora_A for layer in layers], keep[:, :, None])
         _reset_slots(optimizer, [layer.lora_B for layer in layers], keep[:, None, :])
+
+
+def _set_masks(layers: list[LoRA2Layer], ranks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write every layer's active mask for its new rank; returns the new and old masks (n, R)."""
+    first = layers[0]
+    new = torch.arange(first.config.max_rank, device=first.active.device) < \
+        torch.as_tensor(ranks, device=first.active.device)[:, None]
+    old = torch.stack([layer.active for layer in layers])
+    # one foreach copy per dtype: a list that mixes bool and float takes the slow path (a memcpy per tensor)
+    torch._foreach_copy_([layer.active.view(torch.uint8) for layer in layers], list(new.view(torch.uint8).unbind(0)))
+    return new, old
+
+
+def _note_resized(layers: list[LoRA2Layer], ranks, copied: list[bool]) -> None:
+    """Host bookkeeping after a resize: each layer's cached rank (when the ranks are host ints) and, for each
+    compute copy of A the resize rewrote with A (`copied`), a key that marks it current."""
+    R = layers[0].config.max_rank
+    for i, layer in enumerate(layers):
+        if not torch.is_tensor(ranks):
+            layer._rank_cache = ((layer.active._version, layer.active.data_ptr()), int(min(max(ranks[i], 0), R)))
+        if copied[i]:
+            key, down_c, up_c = layer._shadow
+            layer._shadow = ((key[0], *_versions(layer.lora_A, None)), down_c, up_c)
 
 
 def _init_stds(layers: list[LoRA2Layer], new: torch.Tensor) -> torch.Tensor:
@@ -234,32 +247,21 @@ def _slot_moments(optimizer: torch.optim.Optimizer | None, layers: list[LoRA2Lay
 def _resize_in_kernel(layers: list[LoRA2Layer], ranks, moments: tuple) -> None:
     """resize_layers' CUDA form: masks by one foreach copy, then triton_ops.resize_slots rewrites the slots that
     moved (no stacked copies of the factors or moments; nothing read on the host)."""
-    first = layers[0]
-    dev, R = first.active.device, first.config.max_rank
-    on_host = not torch.is_tensor(ranks)
-    new_d = torch.as_tensor(ranks, device=dev).clamp(0, R)
-    new = torch.arange(R, device=dev) < new_d[:, None]
-    old_d = torch.stack([layer.active for layer in layers]).sum(1)
+    new, old = _set_masks(layers, ranks)
     std = _init_stds(layers, new)
-    torch._foreach_copy_([layer.active.view(torch.uint8) for layer in layers], list(new.view(torch.uint8).unbind(0)))
     # a compute copy is rewritten with its slots only if it was current: one made before A last changed stays
     # stale (its key no longer matches) and is re-cast where it is next used
     fresh = [layer._shadow is not None and layer._shadow[0][1:] == _versions(layer.lora_A, None) for layer in layers]
     shadows = [layer._shadow[1] if ok else None for layer, ok in zip(layers, fresh, strict=True)]
     a = [layer.lora_A for layer in layers]
     b = [layer.lora_B for layer in layers]
-    triton_ops.resize_slots(old_d, new_d, std, a, b, shadows, *moments)
+    triton_ops.resize_slots(old.sum(1), new.sum(1), std, a, b, shadows, *moments)
     try:  # changed behind autograd's back
         torch.autograd.graph.increment_version(a + b)
     except TypeError:  # torch < 2.5 takes one tensor at a time
         for t in a + b:
             torch.autograd.graph.increment_version(t)
-    for i, layer in enumerate(layers):
-        if on_host:
-            layer._rank_cache = ((layer.active._version, layer.active.data_ptr()), int(min(max(ranks[i], 0), R)))
-        if fresh[i]:  # rewritten by the kernel too
-            key, down_c, up_c = layer._shadow
-            layer._shadow = ((key[0], *_versions(layer.lora_A, None)), down_c, up_c)
+    _note_resized(layers, ranks, fresh)
 
 
 def _reset_slots(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], keep: torch.Tensor) -> None:
