@@ -35,7 +35,7 @@ def make_case(case: str, arch: str, batch: int, rank: int = 16):
         for p in params:
             p.data = p.data.float()
         return train_step(unet, inputs, params, True, "cuda")
-    method = case.replace("_unfused", "").replace("_noent", "")
+    method = case.replace("_unfused", "").replace("_noent", "").replace("_nostack", "")
     extra = {"max_rank": 2 * rank} if method == "lora2" else {}
     if case.endswith("_noent"):  # LoRA² without its cross-attention entropy term
         extra["lambda_e"] = 0.0
@@ -43,6 +43,7 @@ def make_case(case: str, arch: str, batch: int, rank: int = 16):
     for layer in ad.layers.values():
         layer.fused = not case.endswith("_unfused")
     ad.set_grads_in_place(True)  # as the trainer in one process
+    ad.set_stacked_down(not case.endswith("_nostack"))  # q/k/v: x [W; A]^T in one GEMM, as the trainer
     return train_step(unet, inputs, ad.param_groups(1e-4), False, "cuda", ad)
 
 

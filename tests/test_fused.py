@@ -304,3 +304,193 @@ def test_fold_dtype_per_compute_dtype(dtype, fold_dtype):
     layer = next(iter(ad.layers.values()))
     assert layer._folded[0].dtype == fold_dtype and layer._folded[1].dtype == dtype
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ad.parameters())
+
+
+class _Attn(nn.Module):
+    """q, k, v and out projections with the names the stacking picks (to_k with a bias, to exercise it)."""
+
+    def __init__(self, dim=24, ctx=20):
+        super().__init__()
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(ctx, dim, bias=True)
+        self.to_v = nn.Linear(ctx, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x, c):
+        q, k, v = self.to_q(x), self.to_k(c), self.to_v(c)
+        w = torch.softmax(q.float() @ k.float().transpose(-1, -2), -1).to(x.dtype)
+        return self.to_out[0](w @ v + q)
+
+
+def _stacked_run(model, ad, x, c, stacked: bool):
+    ad.set_stacked_down(stacked)
+    for p in ad.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x, c)
+    y.float().sin().sum().backward()
+    return y.detach(), x.grad, [p.grad.clone() for p in ad.parameters()]
+
+
+@pytest.mark.parametrize("method", ["lora", "ac_lora", "tri_lora", "lora2"])
+def test_stacked_down_projection_equals_the_chain(method):
+    """A's compute copy under W in one buffer (the trainer on one GPU): the same output, input gradient and factor
+    gradients as the plain chain, in bf16 compute with fp32 masters, before and after an optimizer step (the
+    copy in the buffer follows the masters); W itself is untouched and gets its own storage back on unstack."""
+    torch.manual_seed(4)
+    model = _Attn().to(torch.bfloat16)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ad = inject(model, make_config(method, rank=4, targets="to_q,to_k,to_v,to_out.0", alpha=8.0,
+                                   **({"max_rank": 6} if method == "lora2" else {})))
+    perturb = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.add_(torch.randn(p.shape, generator=perturb) * 0.2)
+    x, c = torch.randn(2, 9, 24).bfloat16(), torch.randn(2, 5, 20).bfloat16()
+    opt = torch.optim.AdamW(ad.parameters(), lr=0.05)
+    for step in range(2):
+        plain = _stacked_run(model, ad, x, c, False)
+        stacked = _stacked_run(model, ad, x, c, True)
+        layer = ad.layers["to_q"]
+        assert layer._stack is not None and ad.layers["to_out.0"]._stack is None
+        w = layer.base.weight  # W lives in the buffer while stacked
+        assert w.data_ptr() == layer._stack[0].data_ptr() and w.untyped_storage().nbytes() > w.nbytes
+        assert ad.set_stacked_down(True) == 3
+        assert torch.equal(stacked[0], plain[0]) and torch.equal(stacked[1], plain[1])
+        for a, b in zip(stacked[2], plain[2], strict=True):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+        opt.step()  # masters move: the next stacked forward must see the new A in the buffer
+        ad.refresh_shadows() if step == 0 else None
+    for name, p in model.named_parameters():
+        if name.startswith(("to_", "to_out")) and ".base." in name:
+            key = name.replace(".base.", ".")
+            assert torch.equal(p, weights[key]), name
+    ad.set_stacked_down(False)
+    assert all(layer._stack is None and layer.base.weight.untyped_storage().nbytes() == layer.base.weight.nbytes
+               for layer in ad.layers.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["lora", "ac_lora", "tri_lora", "lora2"])
+def test_cuda_stacked_down_projection_close_to_the_chain(method):
+    """On CUDA (cuBLAS reading the column slices in place, gradients accumulated into fp32 .grad): the stacked
+    q/k/v give the chain's output and gradients to bf16 rounding, SD-sized layers, bias included."""
+    torch.manual_seed(8)
+    model = _Attn(dim=640, ctx=768).to("cuda", torch.bfloat16)
+    ad = inject(model, make_config(method, rank=16, targets="to_q,to_k,to_v,to_out.0",
+                                   **({"max_rank": 32} if method == "lora2" else {})))
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ad.set_grads_in_place(True)
+    x = torch.randn(2, 1024, 640, device="cuda").bfloat16()
+    c = torch.randn(2, 77, 768, device="cuda").bfloat16()
+
+    def run(stacked):
+        ad.set_stacked_down(stacked)
+        for p in ad.parameters():
+            p.grad = None
+        xg = x.detach().clone().requires_grad_(True)
+        y = model(xg, c)
+        y.float().sin().sum().backward()
+        return y.detach(), xg.grad, [p.grad.clone() for p in ad.parameters()]
+
+    plain, stacked = run(False), run(True)
+    assert ad.layers["to_k"]._stack is not None
+    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))  # noqa: E731
+    assert rel(stacked[0], plain[0]) < 5e-3 and rel(stacked[1], plain[1]) < 1e-2
+    for a, b in zip(stacked[2], plain[2], strict=True):
+        assert rel(a, b) < 1e-2
+
+
+def test_stacked_layers_merge_and_remove_like_plain_ones():
+    torch.manual_seed(6)
+    model = _Attn().to(torch.bfloat16)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ad = inject(model, make_config("lora", rank=4, targets="to_q,to_k,to_v,to_out.0"))
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    x, c = torch.randn(2, 9, 24).bfloat16(), torch.randn(2, 5, 20).bfloat16()
+    assert ad.set_stacked_down(True) == 3
+    with torch.no_grad():
+        y = model(x, c)
+        ad.merge()
+        assert (model(x, c).float() - y.float()).abs().max() < 0.1  # bf16 merged weights: rounding only
+        ad.unmerge()  # W + dW - dW in bf16: W up to rounding, as without the stack
+        assert (model(x, c).float() - y.float()).abs().max() < 0.1
+        assert all(layer._stack is not None for name, layer in ad.layers.items() if name != "to_out.0")
+    ad.remove()
+    for name, p in model.named_parameters():
+        assert p.untyped_storage().nbytes() == p.nbytes, name  # own storage again
+        assert (p.float() - ref[name].float()).abs().max() <= 2 ** -6 * ref[name].float().abs().max(), name
+
+
+def test_no_stack_where_there_is_no_copy_to_hold():
+    """fp32 base and fp32 masters: A needs no compute copy, so nothing is stacked and the chain runs as before."""
+    model = _Attn()
+    ad = inject(model, make_config("lora", rank=4, targets="to_q,to_k,to_v,to_out.0"))
+    assert ad.set_stacked_down(True) == 0
+
+
+@pytest.mark.parametrize("method", ["lora", "lora2"])
+def test_stacked_unet_matches_plain_through_rank_moves(method):
+    """Two copies of the tiny UNet in bf16, one with q/k/v stacked (LoRA²'s entropy reading the sliced q and k):
+    loss and every factor gradient equal the unstacked copy's, also after LoRA² moves ranks in both (the resize
+    rewrites A's copies inside the buffer, and the stacked forward reads them without a re-cast)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_adapters import inputs, tiny_unet
+
+    from engine.adapters.lora2 import resize_layers
+
+    x, t, c = inputs()
+    runs = []
+    for stacked in (False, True):
+        unet = tiny_unet().to(torch.bfloat16)
+        ad = inject(unet, make_config(method, rank=4, **({"max_rank": 8} if method == "lora2" else {})))
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in ad.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        qkv = sum(n.endswith(("to_q", "to_k", "to_v")) for n in ad.layers)
+        assert ad.set_stacked_down(stacked) == (qkv if stacked else 0) and qkv == 24  # 8 attentions x q, k, v
+        runs.append((unet, ad))
+
+    def step(unet, ad):
+        for p in ad.parameters():
+            p.grad = None
+        ad.reset_step()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = unet(x.bfloat16(), t, c.bfloat16()).sample.float().pow(2).mean()
+            extra, _ = ad.extra_loss()
+        (loss if extra is None else loss + extra).backward()
+        return loss.detach(), [p.grad.clone() for p in ad.parameters()]
+
+    for move in range(3):
+        ref, got = (step(*r) for r in runs)
+        assert torch.equal(got[0], ref[0]), move
+        for name, layer in runs[1][1].layers.items():  # the forward read A's copy from inside the buffer
+            down = layer.down_up()[0]
+            assert (layer._stack is not None) == name.endswith(("to_q", "to_k", "to_v")), name
+            if layer._stack is not None:
+                slot = layer._stack[0][layer.out_features:][:len(down)]
+                assert layer._shadow[1].data_ptr() == slot.data_ptr()
+                assert torch.equal(slot, down.detach().bfloat16())
+        for a, b in zip(got[1], ref[1], strict=True):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), move
+        if method == "lora2":  # grow half the layers, shrink the others, in both copies alike
+            for _, ad in runs:
+                torch.manual_seed(move)
+                groups = {}
+                for layer in ad.layers.values():
+                    groups.setdefault((layer.lora_A.shape, layer.lora_B.shape), []).append(layer)
+                for layers in groups.values():  # same-shape groups, as the set resizes them
+                    resize_layers(layers, [6 if i % 2 else 2 for i in range(len(layers))] if move == 0
+                                  else [3 + move] * len(layers))
+    if method == "lora2":
+        assert runs[1][1].layers["mid_block.attentions.0.transformer_blocks.0.attn1.to_q"]._stack is not None

@@ -99,6 +99,7 @@ class AdapterLayer(nn.Module):
         self.grads_in_place = False  # the fused op adds the factors' gradients into .grad itself (the trainer)
         self._shadow = None  # (key, A, B in the compute dtype), see compute_copies
         self._folded = None  # (s B diag(v), its compute-dtype copy, (grad mode, dtype), fold_key()): fold_vectors
+        self._stack = None  # ([W; A'] buffer, its bias or None): stack_down
 
     # --- what every method defines -------------------------------------------------------------
     def down_up(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +145,7 @@ class AdapterLayer(nn.Module):
             if vec is None:
                 down_c, up_c = self.compute_copies(down, up, cd)
                 return lowrank_linear(x.to(cd), self.base.weight, self.base.bias, down, up, None, self.scale,
-                                      down_c, up_c, self.grads_in_place)
+                                      down_c, up_c, self.grads_in_place, self._stack_for(down_c))
             # TriLoRA / LoRA²: fold s diag(v) into B first (autograd on d x r) so that the fused op runs the plain
             # LoRA chain, with no extra work on the N x r activations. Inside a model forward the set has folded
             # every layer at once (AdapterSet.fold_vectors); a lone layer call folds itself.
@@ -157,7 +158,7 @@ class AdapterLayer(nn.Module):
                 up_vc = up_v.detach().to(cd)
             down_c, _ = self.compute_copies(down, None, cd)
             return lowrank_linear(x.to(cd), self.base.weight, self.base.bias, down, up_v, None, 1.0, down_c, up_vc,
-                                  self.grads_in_place)
+                                  self.grads_in_place, self._stack_for(down_c))
         y = self.base(x)
         dtype = self.param_dtype
         if x.dtype != dtype and not autocast:
@@ -195,8 +196,76 @@ class AdapterLayer(nn.Module):
                         old[2].copy_(up)
                     self._shadow = (key, old[1], old[2])
                 else:
-                    self._shadow = (key, down.detach().to(cd), None if up is None else up.detach().to(cd))
+                    slot = self._stack_slot(down, cd)
+                    down_c = down.detach().to(cd) if slot is None else slot.copy_(down)
+                    self._shadow = (key, down_c, None if up is None else up.detach().to(cd))
         return self._shadow[1], self._shadow[2]
+
+    # --- A's compute copy under the frozen weight (the trainer on one GPU) ------------------------------------
+    @torch.no_grad()
+    def stack_down(self) -> bool:
+        """Move the frozen weight W (d x k) into a (d + R') x k buffer whose next R rows hold A's compute-dtype
+        copy (R' = R rounded up to 8 rows, the rest zero): the fused op then gets x W^T and h = x A^T from one GEMM,
+        one small GEMM less per layer forward (its N x r output is latency-bound: ~4 us each on SDXL, 420 layers).
+        base.weight (and base.bias) become views of the buffer, so merge() and the layer's own forward see W as
+        before. Only where there is a copy to hold: A's master dtype differs from W's. Returns whether it stacked.
+
+        The layer's output is then a column slice of the (N, d + R') product: meant for q, k and v, whose outputs
+        SDPA keeps anyway (so keeping h inside it costs no memory), not for a layer whose output is short-lived."""
+        if self._stack is not None:
+            return True
+        down = self.down_up()[0]
+        w = self.base.weight
+        if self.is_conv or w.dtype == down.dtype or not w.dtype.is_floating_point:
+            return False
+        d, k = w.shape
+        rows = d + -(-down.shape[0] // 8) * 8
+        stack = w.new_zeros(rows, k)
+        stack[:d].copy_(w)
+        bias = self.base.bias
+        if bias is not None:
+            stack_bias = bias.new_zeros(rows)
+            stack_bias[:d].copy_(bias)
+            self.base.bias = nn.Parameter(stack_bias[:d], requires_grad=False)
+            stack_bias = stack_bias.to(w.dtype)  # the op adds it in the compute dtype, as F.linear(x, W, b.to(cd))
+        else:
+            stack_bias = None
+        self.base.weight = nn.Parameter(stack[:d], requires_grad=False)
+        self._stack = (stack, stack_bias)
+        self._shadow = None  # the next compute_copies writes A's copy into the buffer
+        return True
+
+    @torch.no_grad()
+    def unstack_down(self) -> None:
+        """Give W (and the bias) their own storage again and drop the buffer."""
+        if self._stack is None:
+            return
+        self.base.weight = nn.Parameter(self.base.weight.detach().clone(), requires_grad=False)
+        if self.base.bias is not None:
+            self.base.bias = nn.Parameter(self.base.bias.detach().clone(), requires_grad=False)
+        self._stack = None
+        self._shadow = None
+
+    def _stack_slot(self, down: torch.Tensor, cd: torch.dtype) -> torch.Tensor | None:
+        """The rows of the stack buffer that hold A's compute copy, when there is a buffer of that dtype."""
+        if self._stack is None or self._stack[0].dtype != cd:
+            return None
+        d = self.base.weight.shape[0]
+        stack = self._stack[0]
+        if down.shape[1] != stack.shape[1] or d + down.shape[0] > stack.shape[0]:
+            return None
+        return stack[d:d + down.shape[0]]
+
+    def _stack_for(self, down_c: torch.Tensor):
+        """(buffer, bias) for the fused op when down_c is the copy held in the buffer, else None."""
+        st = self._stack
+        if st is None or torch.compiler.is_compiling() or down_c.dtype != st[0].dtype:
+            return None
+        stack = st[0]
+        at = stack.data_ptr() + self.base.weight.shape[0] * stack.stride(0) * stack.element_size()
+        if down_c.data_ptr() != at or down_c.stride() != stack.stride():
+            return None
+        return st
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -426,6 +495,20 @@ class AdapterSet:
             key, dc, uc = layer._shadow
             layer._shadow = ((key[0], *_versions(down, None if uc is None else up)), dc, uc)
 
+    STACK_SUFFIXES: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v")
+
+    def set_stacked_down(self, on: bool) -> int:
+        """Put A's compute copy under the frozen weight of the attention's q, k and v projections
+        (AdapterLayer.stack_down), or undo it; returns how many layers are stacked. The trainer on one GPU turns
+        it on (not under torch.compile, which fuses on its own)."""
+        n = 0
+        for name, layer in self.layers.items():
+            if on and name.rsplit(".", 1)[-1] in self.STACK_SUFFIXES:
+                n += layer.stack_down()
+            else:
+                layer.unstack_down()
+        return n
+
     def set_grads_in_place(self, on: bool) -> None:
         """Let the fused op add A's and B's gradients into .grad itself (engine/adapters/fused.py): one kernel less
         per leaf factor and backward (TriLoRA's and LoRA²'s B reach the op folded, through autograd). Only for a
@@ -481,6 +564,7 @@ class AdapterSet:
             self._fold_hook = None
         for layer in self.layers.values():
             layer._folded = None
+            layer.unstack_down()
 
     def after_load(self) -> None:
         """Recompute derived state (masks, ranks) after loading tensors."""

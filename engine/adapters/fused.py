@@ -5,7 +5,8 @@ several kernel launches and autograd nodes per layer; on SDXL's 560 adapted laye
 
 Two forms, same maths (FORWARD picks one; the bench times both):
 - "chain" (default): y = x W^T + b, then y += s (x A^T) B^T in place (addmm_); h = x A^T is kept for the
-  backward, where grad_x = g W, then grad_x += s (g B) A in place. 3 kernels forward, 5 backward. With a
+  backward, where grad_x = g W, then grad_x += s (g B) A in place. 3 kernels forward, 5 backward (2 forward
+  when A's compute copy sits under W in one buffer: one GEMM x [W; A]^T gives both x W^T and h). With a
   per-rank vector v (TriLoRA's sigma, LoRA²'s weights), v's gradient is the diagonal of (g B)^T h.
   With `grads_in_place` (the trainer, one process) the factors' gradients are accumulated by the GEMM itself
   straight into A.grad and B.grad (beta = 1, fp32 accumulation of the bf16 product) instead of being returned:
@@ -88,16 +89,22 @@ class ChainLowRankLinear(torch.autograd.Function):
     """Same contract as MergedLowRankLinear; the low-rank chain is added in place to the base output."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, vec, scale, down_c, up_c, in_place=False):
+    def forward(ctx, x, weight, bias, down, up, vec, scale, down_c, up_c, in_place=False, stack=None,
+                stack_bias=None):
         down_c = down if down_c is None else down_c
         up_c = up if up_c is None else up_c
         with torch.autocast(x.device.type, enabled=False):
             cd = x.dtype
             k = x.shape[-1]
             x2 = x.reshape(-1, k)
-            h = x2 @ down_c.T  # (N, r)
+            if stack is not None:  # [W; A] in one buffer (see lowrank_linear): one GEMM gives x W^T and h = x A^T
+                d = weight.shape[0]
+                ycat = F.linear(x2, stack, stack_bias)  # (N, d + R')
+                y, h = ycat[:, :d], ycat[:, d:d + down_c.shape[0]]  # row stride d + R': GEMMs read them in place
+            else:
+                h = x2 @ down_c.T  # (N, r)
+                y = F.linear(x2, weight.to(cd), None if bias is None else bias.to(cd))
             hs = h if vec is None else h * vec.to(cd)
-            y = F.linear(x2, weight.to(cd), None if bias is None else bias.to(cd))
             y.addmm_(hs, up_c.T, alpha=scale)
         ctx.save_for_backward(x, weight, down_c, up_c, vec, h)  # h before diag(v): the backward needs both forms
         ctx.scale = scale
@@ -145,7 +152,7 @@ class ChainLowRankLinear(torch.autograd.Function):
                 # accumulates in fp32) instead of recomputing h and three elementwise passes over (N, r)
                 acc = torch.promote_types(cd, torch.float32)
                 grad_vec = (_mm_to(gb.T, h, acc).diagonal() * s).to(vec.dtype)
-        return grad_x, None, None, grad_down, grad_up, grad_vec, None, None, None, None
+        return grad_x, None, None, grad_down, grad_up, grad_vec, None, None, None, None, None, None
 
 
 class MergedLowRankLinear(torch.autograd.Function):
@@ -202,11 +209,17 @@ class MergedLowRankLinear(torch.autograd.Function):
         return grad_x, None, None, grad_down.to(down_dtype), grad_up.to(up_dtype), grad_vec, None, None, None
 
 
-def lowrank_linear(x, weight, bias, down, up, vec, scale: float, down_c=None, up_c=None, grads_in_place=False):
+def lowrank_linear(x, weight, bias, down, up, vec, scale: float, down_c=None, up_c=None, grads_in_place=False,
+                   stack=None):
     """down_c / up_c: the compute-dtype copies, or None (or the masters themselves) when no cast is needed. The
     op gets None then: torch.compile cannot trace an autograd.Function given one tensor as two inputs.
-    grads_in_place: leaf factors get their gradient added into .grad by the backward's GEMMs (chain form only)."""
+    grads_in_place: leaf factors get their gradient added into .grad by the backward's GEMMs (chain form only).
+    stack: (S, bias or None) where S is a (d + R') x k buffer whose first d rows are `weight` and whose next rows are
+    down_c (AdapterLayer.stack_down): the chain form then gets x W^T and x A^T from one GEMM, one kernel less per
+    layer forward; y is then a column slice of the (N, d + R') product."""
     args = (x, weight, bias, down, up, vec, scale, None if down_c is down else down_c, None if up_c is up else up_c)
     if FORWARD == "chain":
+        if stack is not None:
+            return ChainLowRankLinear.apply(*args, grads_in_place, *stack)
         return ChainLowRankLinear.apply(*args, grads_in_place)
     return MergedLowRankLinear.apply(*args)
