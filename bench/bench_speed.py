@@ -211,7 +211,7 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
             for layer in adapters.layers.values():
                 layer.fused = fused
             adapters.set_grads_in_place(grads_in_place)  # as the trainer in one process
-            adapters.set_stacked_down(stacked)  # q/k/v: x [W; A]^T in one GEMM, as the trainer in one process
+            adapters.set_stacked_down(stacked)  # attention projections: x [W; A]^T in one GEMM, as the trainer
             if method == "lora2":
                 adapters._entropy_options["batched"] = batched_entropy
             step = train_step(unet, inputs, adapters.param_groups(1e-4), autocast, device, adapters, graphs, clip,
@@ -275,8 +275,8 @@ def ablation() -> list[tuple[str, dict]]:
     return [("floor bf16 graph", dict(kind="floor", graphs=True)),
             ("lora r16 graph", dict(method="lora", **g)),
             ("lora r64 graph", dict(method="lora", **{**g, "rank": 64})),
-            ("lora r16 graph, q/k/v not stacked", dict(method="lora", stacked=False, **g)),
-            ("lora r64 graph, q/k/v not stacked", dict(method="lora", stacked=False, **{**g, "rank": 64})),
+            ("lora r16 graph, projections not stacked", dict(method="lora", stacked=False, **g)),
+            ("lora r64 graph, projections not stacked", dict(method="lora", stacked=False, **{**g, "rank": 64})),
             ("tri_lora r16 graph", dict(method="tri_lora", **g)),
             ("tri_lora r64 graph", dict(method="tri_lora", **{**g, "rank": 64})),
             ("lora2 r16 graph", dict(method="lora2", **g)),
@@ -284,8 +284,8 @@ def ablation() -> list[tuple[str, dict]]:
             ("lora2 r16 graph, no entropy", dict(method="lora2", extra={"lambda_e": 0.0}, **g)),
             ("lora2 r16 graph, entropy per layer", dict(method="lora2", batched_entropy=False, **g)),
             ("lora2 r64 graph", dict(method="lora2", **{**g, "rank": 64})),
-            ("lora2 r16 graph, q/k/v not stacked", dict(method="lora2", stacked=False, **g)),
-            ("lora2 r64 graph, q/k/v not stacked", dict(method="lora2", stacked=False, **{**g, "rank": 64})),
+            ("lora2 r16 graph, projections not stacked", dict(method="lora2", stacked=False, **g)),
+            ("lora2 r64 graph, projections not stacked", dict(method="lora2", stacked=False, **{**g, "rank": 64})),
             ("lora2 r64 graph, torch form (no Triton kernels)", dict(method="lora2", kernels=False,
                                                                      **{**g, "rank": 64})),
             ("lora2 r64 graph, no rank updates", dict(method="lora2", rank_updates=False, **{**g, "rank": 64})),

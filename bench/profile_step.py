@@ -43,7 +43,7 @@ def make_case(case: str, arch: str, batch: int, rank: int = 16):
     for layer in ad.layers.values():
         layer.fused = not case.endswith("_unfused")
     ad.set_grads_in_place(True)  # as the trainer in one process
-    ad.set_stacked_down(not case.endswith("_nostack"))  # q/k/v: x [W; A]^T in one GEMM, as the trainer
+    ad.set_stacked_down(not case.endswith("_nostack"))  # x [W; A]^T in one GEMM, as the trainer
     return train_step(unet, inputs, ad.param_groups(1e-4), False, "cuda", ad)
 
 

@@ -300,7 +300,7 @@ def train(config: TrainConfig, emit: Emit | None = None, stop: threading.Event |
         # the factors' gradients go into .grad from the backward's own GEMMs (DDP's hooks need autograd to deliver
         # them; compile traces the op): set here so that the finally below always resets it
         s.adapters.set_grads_in_place(s.mode != "compile" and s.acc.num_processes == 1)
-        s.adapters.set_stacked_down(s.mode != "compile" and s.acc.num_processes == 1)  # q/k/v: x [W; A]^T, one GEMM
+        s.adapters.set_stacked_down(s.mode != "compile" and s.acc.num_processes == 1)  # x [W; A]^T: one GEMM
         if resume:
             _restore(s, run)
         if s.mode == "cuda_graph":
