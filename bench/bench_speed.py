@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.adapters import inject, make_config, method_names  # noqa: E402
+from engine.optim import SlotAdamW  # noqa: E402
 
 SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -111,14 +112,15 @@ def floor_step(unet, inputs, autocast: bool, device: str, graphs: bool = False):
 
 
 def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None, graphs: bool = False,
-               clip: bool = False, rank_updates: bool | str = "sync-free"):
+               clip: bool = False, rank_updates: bool | str = "sync-free", masked_adamw: bool = True):
     """One training step: forward, loss (+ the method's terms), backward, AdamW (clip and zeroed gradients as in
     the trainer when `clip`); `rank_updates`: LoRA²'s per-step rank update as the trainer runs it ("sync-free"),
-    with one host read a step (True), or skipped (False, an ablation)."""
+    with one host read a step (True), or skipped (False, an ablation); `masked_adamw`: LoRA²'s idle slots skipped
+    by the optimizer as in the trainer (engine/optim.py), or stepped like every other (False, an ablation)."""
     x, t, c, kw = inputs
     fused = device == "cuda"
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused, capturable=graphs) if fused else \
-        torch.optim.AdamW(params, lr=1e-4)
+    opt = SlotAdamW(params, adapters.optimizer_slots() if adapters is not None and masked_adamw else None, lr=1e-4,
+                    fused=True, capturable=graphs) if fused else torch.optim.AdamW(params, lr=1e-4)
     counter = [0]
     flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else list(params)
 
@@ -176,7 +178,7 @@ def graphed(core, before):
 def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, rank=16, method=None, mode="bf16",
              checkpointing=False, fused=True, graphs=False, results=None, extra=None, op="chain", clip=False,
              rank_updates: bool | str = "sync-free", grads_in_place: bool = True, batched_entropy: bool = True,
-             kernels: bool = True, stacked: bool = True):
+             kernels: bool = True, stacked: bool = True, masked_adamw: bool = True):
     from engine.adapters import fused as fused_module
     from engine.adapters import triton_ops
 
@@ -215,7 +217,7 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
             if method == "lora2":
                 adapters._entropy_options["batched"] = batched_entropy
             step = train_step(unet, inputs, adapters.param_groups(1e-4), autocast, device, adapters, graphs, clip,
-                              rank_updates)
+                              rank_updates, masked_adamw)
         sec, peak = time_steps(step, device, warmup, steps, reset_peak=not graphs)
     finally:
         fused_module.FORWARD = "chain"
@@ -285,6 +287,8 @@ def ablation() -> list[tuple[str, dict]]:
             ("lora2 r16 graph, entropy per layer", dict(method="lora2", batched_entropy=False, **g)),
             ("lora2 r64 graph", dict(method="lora2", **{**g, "rank": 64})),
             ("lora2 r16 graph, projections not stacked", dict(method="lora2", stacked=False, **g)),
+            ("lora2 r16 graph, AdamW on every slot", dict(method="lora2", masked_adamw=False, **g)),
+            ("lora2 r64 graph, AdamW on every slot", dict(method="lora2", masked_adamw=False, **{**g, "rank": 64})),
             ("lora2 r64 graph, projections not stacked", dict(method="lora2", stacked=False, **{**g, "rank": 64})),
             ("lora2 r64 graph, torch form (no Triton kernels)", dict(method="lora2", kernels=False,
                                                                      **{**g, "rank": 64})),
@@ -366,6 +370,7 @@ def main(argv=None) -> int:
     ap.add_argument("--graphs", action="store_true", help="also time every case with the step captured in a CUDA graph")
     ap.add_argument("--only-graphs", action="store_true")
     ap.add_argument("--ablation", action="store_true", help="only the LoRA² ablation cases (see ablation())")
+    ap.add_argument("--match", nargs="+", default=None, help="only the cases whose name contains one of these")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     device = args.device
@@ -381,6 +386,8 @@ def main(argv=None) -> int:
             cases += plan(arch, args.quick, graphs=True)
         if args.ablation:
             cases = ablation()
+        if args.match:
+            cases = [(n, kw) for n, kw in cases if n.startswith("floor") or any(m in n for m in args.match)]
         for name, kw in cases:
             if device == "cpu" and kw.get("mode") == "autocast":
                 continue

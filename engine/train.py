@@ -20,6 +20,7 @@ from engine import events as ev
 from engine import models, runs, speed, step_graph
 from engine.adapters import inject
 from engine.adapters.fused import out_dtype_ok
+from engine.optim import SlotAdamW
 from engine.train_config import AUTOCAST, PRECISIONS, TrainConfig
 
 __all__ = ["RunResult", "TrainConfig", "load_run_adapters", "resume_run", "train"]
@@ -106,7 +107,9 @@ def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
     # fused AdamW: one kernel for all tensors; capturable: state a CUDA graph can step (fp16 keeps the plain one,
     # which accelerate's loss scaler has always driven)
     fused = acc.device.type == "cuda" and cfg.mixed_precision != "fp16"
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, **({"fused": True, "capturable": True} if fused else {}))
+    # SlotAdamW: LoRA²'s idle slots (beyond each layer's rank) are skipped, same update (engine/optim.py)
+    optimizer = SlotAdamW(groups, adapters.optimizer_slots(), lr=cfg.lr, fused=True, capturable=True) if fused \
+        else torch.optim.AdamW(groups, lr=cfg.lr)
     unet, optimizer = acc.prepare(pipe.unet, optimizer)
     gen = torch.Generator(acc.device).manual_seed(cfg.seed * 1009 + acc.process_index)
     noise = DDPMScheduler.from_config(pipe.scheduler.config)

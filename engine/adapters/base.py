@@ -474,6 +474,11 @@ class AdapterSet:
         """Per-layer native ranks on the device when the method moves them every step (LoRA²), else None."""
         return None
 
+    def optimizer_slots(self) -> dict[torch.Tensor, tuple[torch.Tensor, int]]:
+        """{param: (bool slot mask, axis)} for factors whose slots outside the mask are idle (all zero, moments
+        included): engine.optim.SlotAdamW updates only the active ones. None here; LoRA² has them."""
+        return {}
+
     @torch.no_grad()
     def refresh_shadows(self) -> None:
         """After an optimizer step: re-cast every layer's compute-dtype copies of A and B in one foreach copy."""

@@ -538,6 +538,14 @@ class LoRA2Set(AdapterSet):
         """D of every layer (in layer order) as set by the last before_step, on the device (not read here)."""
         return self._device_ranks
 
+    def optimizer_slots(self) -> dict[torch.Tensor, tuple[torch.Tensor, int]]:
+        """A's rows and B's columns beyond D are zero with zero moments (the resize keeps them so)."""
+        out = {}
+        for layer in self.layers.values():
+            out[layer.lora_A] = (layer.active, 0)
+            out[layer.lora_B] = (layer.active, 1)
+        return out
+
     def reset_step(self) -> None:
         self._entropies.clear()
 

@@ -1,16 +1,19 @@
-"""Triton kernels for the two LoRA² hot spots that torch runs as many full memory passes (CUDA only).
+"""Triton kernels for LoRA²'s hot spots, which torch runs as many full memory passes (CUDA only).
 
 - Row entropy of softmax(z) over the last dimension, and its gradient, each in one pass over z: the torch form
   (log_softmax to fp32, exp, multiply, sum; in the backward four more passes) moved ~10 GB a step at SDXL 1024 px.
 - LoRA²'s per-step resize: only the slots whose rank moved are rewritten (a row of A, a column of B, their
   optimizer moments and the compute-dtype copy of A), for a whole shape group in one launch through tables of
   pointers. The torch form stacks and rewrites every factor and moment of the group (~9 GB a step at SDXL r16).
+- AdamW on the active slots only (engine/optim.py's SlotAdamW): the idle half of LoRA²'s 2r-wide buffers is
+  neither read nor written; torch's fused AdamW is the torch form.
 
 Every kernel has a torch equivalent in the caller, used on the CPU, without Triton, and for float64 (the tests);
 `ENABLED = False` forces the torch form everywhere (the bench's ablation). The GPU tests check kernel = torch form.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -47,6 +50,9 @@ def _works_on(device: torch.device) -> bool:
                 resize_slots(ranks[:1], ranks[1:], torch.ones(1, device=device), [a], [b],
                              [torch.zeros(2, 4, device=device, dtype=torch.bfloat16)], [[a.clone()]], [[b.clone()]],
                              seed=ranks[:1])  # not from the run's generator: the check leaves its stream alone
+                one = torch.ones((), device=device)
+                adamw_slots([a], [a.clone()], [a.clone()], [a.clone()], [one], [ranks < 2], 0, one, 0.9, 0.999,
+                            1e-8, 0.0)
                 ok = True
             except Exception as e:  # noqa: BLE001 - any compile or launch failure means: use the torch form
                 warnings.warn(f"Triton kernels unavailable on {device} ({type(e).__name__}: {str(e)[:200]}); "
@@ -153,6 +159,64 @@ if triton is not None:
                 for t in tl.range(0, n_bm):
                     m = tl.load(bm_tab + t * n_layers + i).to(tl.pointer_type(tl.float32))
                     tl.store(m + at, tl.zeros([BLOCK_D], tl.float32), mask=inside)
+
+
+if triton is not None:
+    @triton.jit
+    def _adamw_slots(p_tab, g_tab, m_tab, v_tab, step_tab, mask_tab, lr_ptr, beta1, beta2, log_beta1, log_beta2,
+                     eps, wd, R, Q, numel, SLOT_AXIS: tl.constexpr, R_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+        """torch's AdamW (decoupled decay, bias corrections from the param's own step) on the active slots only of
+        tensor i: rows j < D of an (R, Q) factor (SLOT_AXIS 0) or columns j < D of a (P, R) one (SLOT_AXIS 1), D
+        the count of its slot mask. Program (i, b): elements [b BLOCK, (b + 1) BLOCK) of tensor i."""
+        i = tl.program_id(0)
+        start = tl.program_id(1) * BLOCK
+        keep = tl.load(tl.load(mask_tab + i).to(tl.pointer_type(tl.int8)) + tl.arange(0, R_BLOCK),
+                       mask=tl.arange(0, R_BLOCK) < R, other=0)
+        d = tl.sum(keep.to(tl.int32), axis=0)
+        offs = start + tl.arange(0, BLOCK)
+        if SLOT_AXIS == 0:
+            live = offs < d * Q
+        else:
+            live = (offs < numel) & ((offs % R) < d)
+        if tl.max(live.to(tl.int32), axis=0) > 0:
+            p = tl.load(p_tab + i).to(tl.pointer_type(tl.float32))
+            g = tl.load(g_tab + i).to(tl.pointer_type(tl.float32))
+            m = tl.load(m_tab + i).to(tl.pointer_type(tl.float32))
+            v = tl.load(v_tab + i).to(tl.pointer_type(tl.float32))
+            step = tl.load(tl.load(step_tab + i).to(tl.pointer_type(tl.float32)))
+            lr = tl.load(lr_ptr)
+            bc1 = 1.0 - tl.exp(step * log_beta1)
+            bc2_sqrt = tl.sqrt(1.0 - tl.exp(step * log_beta2))
+            x = tl.load(p + offs, mask=live, other=0.0)
+            gr = tl.load(g + offs, mask=live, other=0.0)
+            ma = tl.load(m + offs, mask=live, other=0.0)
+            va = tl.load(v + offs, mask=live, other=0.0)
+            x = x - lr * wd * x  # the order of torch's fused AdamW
+            ma = beta1 * ma + (1.0 - beta1) * gr
+            va = beta2 * va + (1.0 - beta2) * gr * gr
+            x = x - (lr / bc1) * ma / (tl.sqrt(va) / bc2_sqrt + eps)
+            tl.store(p + offs, x, mask=live)
+            tl.store(m + offs, ma, mask=live)
+            tl.store(v + offs, va, mask=live)
+
+
+def adamw_slots(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], masks: list[torch.Tensor], axis: int,
+                lr: torch.Tensor, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """One AdamW update (steps already incremented) of same-shape fp32 tensors, touching only their active slots
+    (see _adamw_slots): a slot outside the mask has zero value, gradient and moments, where AdamW changes
+    nothing. masks: bool (R,) each; lr: a 0-d fp32 device tensor; steps: 0-d fp32 device tensors."""
+    n, dev = len(params), params[0].device
+    shape = params[0].shape
+    R = shape[axis]
+    numel = params[0].numel()
+    block = 1024
+    _adamw_slots[(n, triton.cdiv(numel, block))](
+        _table([t.data_ptr() for t in params], dev), _table([t.data_ptr() for t in grads], dev),
+        _table([t.data_ptr() for t in exp_avgs], dev), _table([t.data_ptr() for t in exp_avg_sqs], dev),
+        _table([t.data_ptr() for t in steps], dev), _table([t.data_ptr() for t in masks], dev), lr,
+        float(beta1), float(beta2), math.log(beta1), math.log(beta2), float(eps), float(weight_decay),
+        R, shape[1], numel, SLOT_AXIS=axis, R_BLOCK=triton.next_power_of_2(R), BLOCK=block, num_warps=4)
 
 
 _TABLES: dict[tuple, torch.Tensor] = {}  # pointer tables by (device, pointers): made once, reused every step
