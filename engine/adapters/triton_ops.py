@@ -186,7 +186,7 @@ if triton is not None:
             step = tl.load(tl.load(step_tab + i).to(tl.pointer_type(tl.float32)))
             lr = tl.load(lr_ptr)
             bc1 = 1.0 - tl.exp(step * log_beta1)
-            bc2_sqrt = tl.sqrt(1.0 - tl.exp(step * log_beta2))
+            bc2_sqrt = tl.sqrt_rn(1.0 - tl.exp(step * log_beta2))  # IEEE sqrt and division, as torch's
             x = tl.load(p + offs, mask=live, other=0.0)
             gr = tl.load(g + offs, mask=live, other=0.0)
             ma = tl.load(m + offs, mask=live, other=0.0)
@@ -194,7 +194,8 @@ if triton is not None:
             x = x - lr * wd * x  # the order of torch's fused AdamW
             ma = beta1 * ma + (1.0 - beta1) * gr
             va = beta2 * va + (1.0 - beta2) * gr * gr
-            x = x - (lr / bc1) * ma / (tl.sqrt(va) / bc2_sqrt + eps)
+            denom = tl.div_rn(tl.sqrt_rn(va), bc2_sqrt) + eps
+            x = x - tl.div_rn(tl.div_rn(lr, bc1) * ma, denom)
             tl.store(p + offs, x, mask=live)
             tl.store(m + offs, ma, mask=live)
             tl.store(v + offs, va, mask=live)
