@@ -799,7 +799,7 @@ def test_slot_adamw_equals_torch_adamw(kernel_device):
         torch.manual_seed(0)
         model = nn.Sequential(*[nn.Linear(96, 96) for _ in range(3)], nn.Linear(96, 64)).to(kernel_device)
         ad = inject(model, make_config("lora2", rank=8, max_rank=24, targets="0,1,2,3", lambda_e=0.0))
-        groups = ad.param_groups(1e-2, weight_decay=0.05)
+        groups = ad.param_groups(1e-2, weight_decay=2.0)  # a decay large enough to show in the tolerance below
         groups[0]["lr"] = torch.tensor(1e-2, device=kernel_device)
         opt = cls(groups, ad.optimizer_slots(), **fused) if cls is SlotAdamW else cls(groups, **fused)
         return model, ad, opt
@@ -823,12 +823,14 @@ def test_slot_adamw_equals_torch_adamw(kernel_device):
             d = int(lb.active.sum())
             assert torch.equal(la.active, lb.active) and d == target[list(a.layers).index(name)]
             for p, q, axis in ((la.lora_A, lb.lora_A, 0), (la.lora_B, lb.lora_B, 1)):
-                # fp32 rounding of two kernels, carried through the steps: within 0.1% of one step's size (lr)
-                assert torch.allclose(p, q, rtol=0, atol=1e-5), (name, step, float((p - q).abs().max()))
+                # two kernels' fp32 rounding, amplified by Adam's normalisation over the steps: within 1% of one
+                # step's size (lr = 1e-2; measured: 1.3e-5 on an H200, 1.1e-6 in Triton's CPU interpreter). A
+                # missing bias correction, decay (>= 2e-2 |p| a step) or slot would be off by far more.
+                assert torch.allclose(p, q, rtol=0, atol=1e-4), (name, step, float((p - q).abs().max()))
                 assert not q.detach().narrow(axis, d, q.shape[axis] - d).any()  # idle slots: exactly zero
                 for key in ("exp_avg", "exp_avg_sq"):
                     a_m, b_m = oa.state[p][key], ob.state[q][key]
-                    assert torch.allclose(a_m, b_m, rtol=1e-3, atol=1e-10), (name, key, float((a_m - b_m).abs().max()))
+                    assert torch.allclose(a_m, b_m, rtol=1e-2, atol=1e-10), (name, key, float((a_m - b_m).abs().max()))
                 assert float(oa.state[p]["step"]) == float(ob.state[q]["step"]) == step + 1
             assert torch.allclose(la.rho, lb.rho, rtol=1e-6)
     assert any(p.grad is None for p in b.parameters())  # zero_grad ran; the kernel did not keep grads alive
