@@ -119,8 +119,8 @@ def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None,
     by the optimizer as in the trainer (engine/optim.py), or stepped like every other (False, an ablation)."""
     x, t, c, kw = inputs
     fused = device == "cuda"
-    opt = SlotAdamW(params, adapters.optimizer_slots() if adapters is not None and masked_adamw else None, lr=1e-4,
-                    fused=True, capturable=graphs) if fused else torch.optim.AdamW(params, lr=1e-4)
+    opt = SlotAdamW(params, slots=adapters.optimizer_slots() if adapters is not None and masked_adamw else None,
+                    lr=1e-4, fused=True, capturable=graphs) if fused else torch.optim.AdamW(params, lr=1e-4)
     counter = [0]
     flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else list(params)
 

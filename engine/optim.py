@@ -17,26 +17,42 @@ import torch
 from engine.adapters import triton_ops
 
 
+def _unhooked(step):
+    """An optimizer class's step without the profiler/hook wrapper torch puts on it (SlotAdamW's own step has it:
+    calling the wrapped parent would run the hooks twice)."""
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
+
+
 class SlotAdamW(torch.optim.AdamW):
     """torch.optim.AdamW plus `slots`: {param: (bool mask (R,), axis)} where axis 0 = rows of the param are the
-    slots, 1 = its columns. `masked_step = False` turns the kernel off (the bench's ablation)."""
+    slots, 1 = its columns; each mask must be a prefix (slots 0..D-1 active, as LoRA²'s are): the kernel updates
+    the first D = mask.sum() slots. `masked_step = False` turns the kernel off (the bench's ablation)."""
 
-    def __init__(self, params, slots: dict | None = None, **kwargs):
+    def __init__(self, params, *, slots: dict | None = None, **kwargs):
         super().__init__(params, **kwargs)
         self.slots = {id(p): v for p, v in (slots or {}).items()}
         self.masked_step = True
         self._lrs: dict[int, torch.Tensor] = {}  # per group: its lr on the device, when the group holds a float
+        self._tables: dict[tuple, tuple] = {}  # the kernel's pointer tables of the last step, per shape
 
     def _eligible(self, group: dict, p: torch.Tensor) -> bool:
+        """Whether the kernel can take p: what it implements (no amsgrad, maximize, differentiable, GradScaler
+        unscaling inside the step, tensor or zero betas) on fp32 CUDA tensors, lr a float or a tensor on p's
+        device; anything else goes to torch's AdamW."""
+        lr = group["lr"]
+        betas = group["betas"]
         return (id(p) in self.slots and p.grad is not None and p.dtype == torch.float32 and p.is_contiguous()
                 and p.grad.dtype == torch.float32 and p.grad.is_contiguous() and p.dim() == 2
                 and not group["amsgrad"] and not group["maximize"] and not group.get("differentiable", False)
+                and getattr(self, "grad_scale", None) is None and getattr(self, "found_inf", None) is None
+                and not any(torch.is_tensor(b) for b in betas) and all(0 < b < 1 for b in betas)
+                and (not torch.is_tensor(lr) or lr.device == p.device)
                 and triton_ops.usable(p))
 
     @torch.no_grad()
     def step(self, closure=None):
         if not self.masked_step or not self.slots:
-            return super().step(closure)
+            return _unhooked(torch.optim.AdamW.step)(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -46,7 +62,7 @@ class SlotAdamW(torch.optim.AdamW):
         for p, _ in hidden:  # torch's AdamW skips a param without a gradient: it takes the others
             p.grad = None
         try:
-            super().step()
+            _unhooked(torch.optim.AdamW.step)(self)
         finally:
             for p, g in hidden:
                 p.grad = g
@@ -77,9 +93,10 @@ class SlotAdamW(torch.optim.AdamW):
         by_shape: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
             by_shape.setdefault((tuple(p.shape), self.slots[id(p)][1]), []).append(p)
-        for (_, axis), ps in by_shape.items():
+        for (shape, axis), ps in by_shape.items():
             sts = [self.state[p] for p in ps]
-            triton_ops.adamw_slots(ps, [p.grad for p in ps], [s["exp_avg"] for s in sts],
-                                   [s["exp_avg_sq"] for s in sts], [s["step"] for s in sts],
-                                   [self.slots[id(p)][0] for p in ps], axis, lr, float(beta1), float(beta2),
-                                   float(group["eps"]), float(group["weight_decay"]))
+            # the pointer tables it launched with stay referenced here: a captured graph replays them
+            self._tables[(gi, shape, axis)] = triton_ops.adamw_slots(
+                ps, [p.grad for p in ps], [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts],
+                [s["step"] for s in sts], [self.slots[id(p)][0] for p in ps], axis, lr, float(beta1), float(beta2),
+                float(group["eps"]), float(group["weight_decay"]))

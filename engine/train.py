@@ -108,7 +108,7 @@ def _setup(cfg: TrainConfig, pipeline=None) -> _Session:
     # which accelerate's loss scaler has always driven)
     fused = acc.device.type == "cuda" and cfg.mixed_precision != "fp16"
     # SlotAdamW: LoRA²'s idle slots (beyond each layer's rank) are skipped, same update (engine/optim.py)
-    optimizer = SlotAdamW(groups, adapters.optimizer_slots(), lr=cfg.lr, fused=True, capturable=True) if fused \
+    optimizer = SlotAdamW(groups, slots=adapters.optimizer_slots(), lr=cfg.lr, fused=True, capturable=True) if fused \
         else torch.optim.AdamW(groups, lr=cfg.lr)
     unet, optimizer = acc.prepare(pipe.unet, optimizer)
     gen = torch.Generator(acc.device).manual_seed(cfg.seed * 1009 + acc.process_index)

@@ -262,7 +262,10 @@ class AdapterLayer(nn.Module):
         if st is None or torch.compiler.is_compiling() or down_c.dtype != st[0].dtype:
             return None
         stack = st[0]
-        at = stack.data_ptr() + self.base.weight.shape[0] * stack.stride(0) * stack.element_size()
+        w = self.base.weight
+        if w.data_ptr() != stack.data_ptr() or w.device != stack.device:  # W was given other storage since
+            return None
+        at = stack.data_ptr() + w.shape[0] * stack.stride(0) * stack.element_size()
         if down_c.data_ptr() != at or down_c.stride() != stack.stride():
             return None
         return st

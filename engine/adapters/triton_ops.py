@@ -206,31 +206,40 @@ def adamw_slots(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
                 lr: torch.Tensor, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
     """One AdamW update (steps already incremented) of same-shape fp32 tensors, touching only their active slots
     (see _adamw_slots): a slot outside the mask has zero value, gradient and moments, where AdamW changes
-    nothing. masks: bool (R,) each; lr: a 0-d fp32 device tensor; steps: 0-d fp32 device tensors."""
+    nothing. masks: bool (R,) each, prefixes (the first D slots active); lr: a 0-d fp32 device tensor; steps: 0-d
+    fp32 device tensors; 0 < beta < 1. Returns the pointer tables it launched with."""
     n, dev = len(params), params[0].device
     shape = params[0].shape
     R = shape[axis]
     numel = params[0].numel()
     block = 1024
+    tables = tuple(_table([t.data_ptr() for t in ts], dev) for ts in (params, grads, exp_avgs, exp_avg_sqs, steps,
+                                                                        masks))
     _adamw_slots[(n, triton.cdiv(numel, block))](
-        _table([t.data_ptr() for t in params], dev), _table([t.data_ptr() for t in grads], dev),
-        _table([t.data_ptr() for t in exp_avgs], dev), _table([t.data_ptr() for t in exp_avg_sqs], dev),
-        _table([t.data_ptr() for t in steps], dev), _table([t.data_ptr() for t in masks], dev), lr,
-        float(beta1), float(beta2), math.log(beta1), math.log(beta2), float(eps), float(weight_decay),
+        *tables, lr, float(beta1), float(beta2), math.log(beta1), math.log(beta2), float(eps), float(weight_decay),
         R, shape[1], numel, SLOT_AXIS=axis, R_BLOCK=triton.next_power_of_2(R), BLOCK=block, num_warps=4)
+    return tables
 
 
 _TABLES: dict[tuple, torch.Tensor] = {}  # pointer tables by (device, pointers): made once, reused every step
 
 
 def _table(ptrs: list[int], device: torch.device) -> torch.Tensor:
+    """The int64 device tensor of these pointers, made once per pointer list. A new one is copied from pinned
+    memory without a host sync (eager steps whose gradients move get new tables). Callers whose launches are
+    replayed by a CUDA graph keep their own reference (SlotAdamW): a cleared entry is then not freed."""
     key = (device, tuple(ptrs))
-    table = _TABLES.get(key)
-    if table is None:
+    entry = _TABLES.get(key)
+    if entry is None:
         if len(_TABLES) > 256:  # pointers of tensors long gone (a new optimizer, a reloaded run)
             _TABLES.clear()
-        table = _TABLES[key] = torch.tensor(ptrs or [0], dtype=torch.int64).to(device)
-    return table
+        host = torch.tensor(ptrs or [0], dtype=torch.int64)
+        if torch.device(device).type == "cuda":
+            host = host.pin_memory()
+            entry = _TABLES[key] = (host.to(device, non_blocking=True), host)  # the pinned source outlives the copy
+        else:
+            entry = _TABLES[key] = (host.to(device), host)
+    return entry[0]
 
 
 def resize_slots(old: torch.Tensor, new: torch.Tensor, std: torch.Tensor, a: list[torch.Tensor],
