@@ -86,8 +86,8 @@ class SlotAdamW(torch.optim.AdamW):
             if t is None or t.device != params[0].device:
                 t = self._lrs[gi] = torch.empty((), dtype=torch.float32, device=params[0].device)
             lr = t.fill_(lr)  # a float lr is read at each step (inside a captured graph: the captured value)
-        elif lr.device != params[0].device or lr.dtype != torch.float32:
-            lr = lr.to(params[0].device, torch.float32)
+        elif lr.dtype != torch.float32:  # on the params' device already (_eligible)
+            lr = lr.float()
         torch._foreach_add_([self.state[p]["step"] for p in params], 1.0)
         beta1, beta2 = group["betas"]
         by_shape: dict[tuple, list[torch.Tensor]] = {}

@@ -300,10 +300,12 @@ def train(config: TrainConfig, emit: Emit | None = None, stop: threading.Event |
     s = None
     try:
         s = _setup(config, pipeline)
-        # the factors' gradients go into .grad from the backward's own GEMMs (DDP's hooks need autograd to deliver
-        # them; compile traces the op): set here so that the finally below always resets it
-        s.adapters.set_grads_in_place(s.mode != "compile" and s.acc.num_processes == 1)
-        s.adapters.set_stacked_down(s.mode != "compile" and s.acc.num_processes == 1)  # x [W; A]^T: one GEMM
+        # in one process outside compile, the factors' gradients go into .grad from the backward's own GEMMs (DDP's
+        # hooks need autograd to deliver them; compile traces the op) and q/k/v take x [W; A]^T in one GEMM
+        # (AdapterLayer.stack_down): set here so that the finally below always resets both
+        lean = s.mode != "compile" and s.acc.num_processes == 1
+        s.adapters.set_grads_in_place(lean)
+        s.adapters.set_stacked_down(lean)
         if resume:
             _restore(s, run)
         if s.mode == "cuda_graph":

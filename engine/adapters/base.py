@@ -21,6 +21,11 @@ TARGET_PRESETS = {
 }
 
 
+def matches_suffix(name: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether a dotted module name is one of the suffixes or ends with "." + one of them."""
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
 def opt(default, help: str, **extra):
     """A dataclass field carrying help text (and choices/min/max) for the CLI and the studio forms."""
     return field(default=default, metadata={"help": help, **extra})
@@ -259,14 +264,10 @@ class AdapterLayer(nn.Module):
     def _stack_for(self, down_c: torch.Tensor):
         """(buffer, bias) for the fused op when down_c is the copy held in the buffer, else None."""
         st = self._stack
-        if st is None or torch.compiler.is_compiling() or down_c.dtype != st[0].dtype:
-            return None
-        stack = st[0]
-        w = self.base.weight
-        if w.data_ptr() != stack.data_ptr() or w.device != stack.device:  # W was given other storage since
-            return None
-        at = stack.data_ptr() + w.shape[0] * stack.stride(0) * stack.element_size()
-        if down_c.data_ptr() != at or down_c.stride() != stack.stride():
+        if st is None or torch.compiler.is_compiling() or self.base.weight.data_ptr() != st[0].data_ptr():
+            return None  # no buffer, or W was given other storage since (a reload, say)
+        slot = self._stack_slot(down_c, down_c.dtype)
+        if slot is None or slot.data_ptr() != down_c.data_ptr() or slot.stride() != down_c.stride():
             return None
         return st
 
@@ -513,7 +514,7 @@ class AdapterSet:
         torch.compile, which fuses on its own)."""
         n = 0
         for name, layer in self.layers.items():
-            if on and any(name == s or name.endswith("." + s) for s in self.STACK_SUFFIXES):
+            if on and matches_suffix(name, self.STACK_SUFFIXES):
                 n += layer.stack_down()
             else:
                 layer.unstack_down()

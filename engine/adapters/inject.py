@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.adapters.base import AdapterConfig, AdapterLayer, AdapterSet
+from engine.adapters.base import AdapterConfig, AdapterLayer, AdapterSet, matches_suffix
 from engine.adapters.registry import get_method
 
 
@@ -12,7 +12,7 @@ def find_targets(model: nn.Module, suffixes: tuple[str, ...]) -> list[str]:
     """Names of Linear / 1x1-Conv2d modules whose dotted name ends with one of the suffixes, in model order."""
     names = []
     for name, module in model.named_modules():
-        if not any(name == s or name.endswith("." + s) for s in suffixes):
+        if not matches_suffix(name, suffixes):
             continue
         if isinstance(module, nn.Linear) or (
             isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
