@@ -35,7 +35,12 @@ def make_case(case: str, arch: str, batch: int, rank: int = 16):
         for p in params:
             p.data = p.data.float()
         return train_step(unet, inputs, params, True, "cuda")
-    method = case.replace("_unfused", "").replace("_noent", "").replace("_nostack", "")
+    from engine.adapters import triton_ops
+
+    method = case
+    for suffix in ("_unfused", "_noent", "_nostack", "_scorebuf"):
+        method = method.replace(suffix, "")
+    triton_ops.FUSED_ENTROPY = not case.endswith("_scorebuf")  # LoRA²'s entropy through a score buffer
     extra = {"max_rank": 2 * rank} if method == "lora2" else {}
     if case.endswith("_noent"):  # LoRA² without its cross-attention entropy term
         extra["lambda_e"] = 0.0

@@ -23,3 +23,17 @@ def test_cpu_bench_writes_ratios(tmp_path, monkeypatch):
     for name in ("lora r4 fp32", "lora2 r4 fp32"):
         assert rows[name]["step_s"] > 0 and rows[name]["x_floor"] > 0 and rows[name]["x_peft"] > 0
     assert "| lora r4 fp32 | mini |" in (tmp_path / "results_cpu.md").read_text()
+
+
+def test_triton_kernels_compile_for_the_gpu():
+    """Where Triton is installed (CUDA builds of torch; not CI's CPU build), every kernel of triton_ops compiles
+    for sm_90 through ptxas, no GPU needed: bench/compile_kernels.py."""
+    import pytest
+
+    from engine.adapters import triton_ops
+
+    if triton_ops.triton is None:
+        pytest.skip("needs Triton")
+    import compile_kernels
+
+    assert compile_kernels.main(["--arch", "90"]) == 0

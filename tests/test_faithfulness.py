@@ -743,6 +743,7 @@ def test_kernel_group_entropy_equals_the_torch_form(kernel_device, monkeypatch):
     from engine.adapters.lora2 import batched_token_entropies
 
     shapes = [(2, 300, 77, 4, 16)] * 3 + [(1, 130, 77, 2, 16)]
+    monkeypatch.setattr(triton_ops, "FUSED_ENTROPY", False)  # the score buffer and row kernels (the fused test below)
     out = []
     for enabled in (True, False):
         monkeypatch.setattr(triton_ops, "ENABLED", enabled)
@@ -938,9 +939,171 @@ def test_resize_kernel_takes_only_groups_it_can_write():
     assert _slot_moments(opt, layers) is None
 
 
+def _stacked_views(b, n, t, h, hd, device, seed, extra=8):
+    """q and k as a stacked projection leaves them: head views of the first h * hd columns of (B, S, h * hd + extra)
+    outputs (the rest is the low-rank h), bf16."""
+    g = torch.Generator(device).manual_seed(seed)
+    qf = (torch.randn(b, n, h * hd + extra, generator=g, device=device) * 2).to(torch.bfloat16).requires_grad_()
+    kf = (torch.randn(b, t, h * hd + extra, generator=g, device=device) * 2).to(torch.bfloat16).requires_grad_()
+    return (qf, kf, qf[..., :h * hd].unflatten(-1, (h, hd)).transpose(1, 2),
+            kf[..., :h * hd].unflatten(-1, (h, hd)).transpose(1, 2))
+
+
+def _exact_entropies(views, scale, weights):
+    """float64 token_entropy (in nats, not normalised) of each view pair, and the gradients of sum_l w_l H_l for
+    their q and k."""
+    out, grads = [], []
+    for (_, _, qv, kv), w in zip(views, weights, strict=True):
+        q64, k64 = qv.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
+        logp = ((k64 * scale) @ q64.transpose(-1, -2)).log_softmax(-1)
+        ent = -(logp.exp() * logp).sum(-1).mean()
+        (ent * w).backward()
+        out.append(float(ent.detach()))
+        grads.append((q64.grad, k64.grad))
+    return out, grads
+
+
+@pytest.mark.parametrize("kernel_device", _kernel_params(), indirect=True)
+def test_kernel_fused_entropy_equals_float64(kernel_device, monkeypatch):
+    """attn_entropy and its backward (scores formed tile by tile, never stored) give the float64 entropies, log-sum-
+    exps and q, k gradients of the same bf16 inputs: one span per program and many (partial results combined),
+    heads of 16, 40 (padded to 64), 64 and 80 channels, 20 and 77 tokens, strided views as stacked projections
+    give, and more layers than one launch takes."""
+    from engine.adapters import triton_ops
+
+    cases = [((2, 300, 77, 2, 16), 0, 3), ((1, 130, 77, 3, 40), 8, 3), ((1, 1000, 20, 1, 64), 16, 3),
+             ((1, 200, 77, 2, 80), 8, 2),  # heads over 64 channels: tiles of 32 positions
+             ((1, 150, 77, 1, 16), 0, triton_ops.ENTROPY_LAYERS + 2)]  # two launches
+    for (b, n, t, h, hd), extra, layers in cases:
+        views = [_stacked_views(b, n, t, h, hd, kernel_device, seed=i, extra=extra) for i in range(layers)]
+        qs, ks = [v[2] for v in views], [v[3] for v in views]
+        assert triton_ops.fused_entropy_ok(qs[0], ks[0])
+        scale = hd ** -0.5
+        z = [(k.double() * scale) @ q.double().transpose(-1, -2) for q, k in zip(qs, ks, strict=True)]
+        lse_ref = torch.cat([x.logsumexp(-1).reshape(-1, t) for x in z])
+        c = [(-1.0) ** i * (i + 1) for i in range(layers)]
+        ref, ref_grads = _exact_entropies(views, scale, c)
+        results = []
+        for sms in (1, 10_000):  # one span per program, then as many as there are tiles
+            monkeypatch.setitem(triton_ops._SMS, qs[0].device, sms)
+            split = triton_ops._entropy_plan(qs, ks)[0]
+            ent, lse = triton_ops.attn_entropy(qs, ks, scale)
+            assert ent.shape == lse.shape == (layers * b * h, t) and ent.dtype == torch.float32
+            assert float((lse.double() - lse_ref).abs().max()) < 1e-4, (n, split)
+            per_layer = ent.view(layers, -1).mean(1)
+            for got, want in zip(per_layer.tolist(), ref, strict=True):
+                assert got == pytest.approx(want, rel=1e-5, abs=1e-5), (n, split)
+            w = torch.tensor(c, device=kernel_device) * (-scale / (b * h * t))
+            dq, dk = triton_ops.attn_entropy_backward(qs, ks, lse, ent, w, scale)
+            assert dq.shape == (layers, b, n, h, hd) and dk.shape == (layers, b, t, h, hd)
+            assert dq.dtype == dk.dtype == torch.bfloat16
+            for i, (gq, gk) in enumerate(ref_grads):
+                for got, want in ((dq[i].transpose(1, 2), gq), (dk[i].transpose(1, 2), gk)):
+                    assert float((got.double() - want).norm() / want.norm()) < 1.5e-2, (n, split, i)
+            results.append((split, ent, dk.float()))
+        (s1, e1, dk1), (s2, e2, dk2) = results
+        assert s1 == 1 < s2  # both paths ran
+        assert torch.allclose(e1, e2, rtol=1e-5, atol=1e-5) and torch.allclose(dk1, dk2, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel_device", _kernel_params(), indirect=True)
+def test_kernel_fused_group_entropy_is_used_and_as_exact_as_the_row_kernels(kernel_device, monkeypatch):
+    """GroupEntropy on bf16 q and k takes the fused kernels (no score buffer is formed) and is at least as close to
+    the float64 values and gradients as the score-buffer path with the row kernels."""
+    from engine.adapters import lora2, triton_ops
+    from engine.adapters.lora2 import batched_token_entropies
+
+    shapes = [(2, 300, 77, 4, 16)] * 3 + [(1, 130, 77, 2, 16)]
+    views = [_stacked_views(*sh, kernel_device, seed=i) for i, sh in enumerate(shapes)]
+    scale = 0.25
+    ref, ref_grads = _exact_entropies(views, scale, [1.0, 2.0, 3.0, 4.0])
+    order = [0, 1, 2, 3]  # groups in first-seen order
+    scores_calls = []
+    real_scores = lora2._scores
+    monkeypatch.setattr(lora2, "_scores", lambda *a: scores_calls.append(1) or real_scores(*a))
+    errors = {}
+    for fused in (True, False):
+        monkeypatch.setattr(triton_ops, "FUSED_ENTROPY", fused)
+        for qf, kf, _, _ in views:
+            qf.grad = kf.grad = None
+        scores_calls.clear()
+        ent = batched_token_entropies([(qv, kv, scale) for _, _, qv, kv in views])
+        torch.autograd.backward(ent, [torch.full_like(e, i + 1.0) for i, e in enumerate(ent)])
+        assert bool(scores_calls) is not fused  # fused: no score map in the forward or the backward
+        for pos, i in enumerate(order):
+            assert float(ent[pos]) * math.log(shapes[i][1]) == pytest.approx(ref[i], rel=(1e-5 if fused else 2e-3))
+        errors[fused] = 0.0
+        for (qf, kf, _, _), (gq, gk), sh in zip(views, ref_grads, shapes, strict=True):
+            b, n, t, h, hd = sh
+            got_q = qf.grad[..., :h * hd].unflatten(-1, (h, hd)).transpose(1, 2).double() * math.log(n)
+            got_k = kf.grad[..., :h * hd].unflatten(-1, (h, hd)).transpose(1, 2).double() * math.log(n)
+            assert float(qf.grad[..., h * hd:].abs().max()) == 0  # nothing flows into the stacked h columns
+            for got, want in ((got_q, gq), (got_k, gk)):
+                errors[fused] = max(errors[fused], float((got - want).norm() / want.norm()))
+    print("relative gradient errors (fused, row kernels):", errors[True], errors[False])
+    assert errors[True] < 1.5e-2 and errors[True] <= 1.5 * errors[False] + 2e-3, errors
+
+
+@pytest.mark.parametrize("kernel_device", _kernel_params(), indirect=True)
+def test_kernel_lora2_step_with_fused_entropy_equals_the_torch_form(kernel_device, monkeypatch):
+    """A LoRA² step on the tiny UNet in bf16 with stacked q/k/v, as the trainer runs it: with the kernels the
+    entropy goes through attn_entropy (one launch per shape group), and the entropy term and every adapter gradient
+    match the torch form's (which rounds the scores to bf16: close, not equal)."""
+    from test_adapters import inputs, tiny_unet
+
+    from engine.adapters import triton_ops
+
+    x, t, c = inputs()
+    calls = []
+    real = triton_ops.attn_entropy
+    monkeypatch.setattr(triton_ops, "attn_entropy", lambda *a: calls.append(len(a[0])) or real(*a))
+    out = []
+    for enabled in (True, False):
+        monkeypatch.setattr(triton_ops, "ENABLED", enabled)
+        unet = tiny_unet().to(device=kernel_device, dtype=torch.bfloat16)
+        ad = inject(unet, make_config("lora2", rank=4, max_rank=8, lambda_e=1.0, seed=1))
+        g = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            for p in ad.parameters():
+                p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.05)
+        ad.set_stacked_down(True)
+        ad.reset_step()
+        with torch.autocast(kernel_device, dtype=torch.bfloat16):
+            loss = unet(*(v.to(kernel_device) for v in (x.bfloat16(), t, c.bfloat16()))).sample.float().pow(2).mean()
+            extra, terms = ad.extra_loss()
+        (loss + extra).backward()
+        out.append((float(terms["entropy"]), [p.grad.float().clone() for p in ad.parameters() if p.grad is not None]))
+    cross = sum(1 for n, m in unet.named_modules() if getattr(m, "is_cross_attention", False))
+    assert sum(calls) == cross > 0  # every cross-attention layer, in one launch per shape group
+    (e1, g1), (e0, g0) = out
+    assert e1 == pytest.approx(e0, rel=2e-3) and 0 < e1 <= 1
+    assert len(g1) == len(g0) > 0
+    for a, b in zip(g1, g0, strict=True):
+        assert float((a - b).norm()) <= 2e-2 * float(b.norm()) + 1e-6
+
+
 def _init_std_of(layer):
     from engine.adapters.lora2 import _init_stds
     return _init_stds([layer], layer.active[None])[0]
+
+
+def test_pointer_tables_made_during_a_graph_capture_are_never_dropped(monkeypatch):
+    """A CUDA graph replays a captured table copy from its pinned source and reads the device table: tables made
+    while capturing stay (with their source) when the cache of eager tables is cleared; eager ones are reused."""
+    from engine.adapters import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_TABLES", {})
+    monkeypatch.setattr(triton_ops, "_CAPTURED", {})
+    monkeypatch.setattr(triton_ops, "_capturing", lambda: True)
+    captured = triton_ops._table([11, 12], torch.device("cpu"))
+    assert captured.tolist() == [11, 12] and len(triton_ops._CAPTURED) == 1 and not triton_ops._TABLES
+    monkeypatch.setattr(triton_ops, "_capturing", lambda: False)
+    first = triton_ops._table([1], torch.device("cpu"))
+    assert triton_ops._table([1], torch.device("cpu")) is first  # made once
+    for i in range(300):  # past the cache's bound: the eager tables are dropped
+        triton_ops._table([100 + i], torch.device("cpu"))
+    assert len(triton_ops._TABLES) < 300 and (torch.device("cpu"), (1,)) not in triton_ops._TABLES
+    assert triton_ops._table([11, 12], torch.device("cpu")) is captured and len(triton_ops._CAPTURED) == 1
 
 
 def test_triton_failure_falls_back_to_the_torch_form(monkeypatch):
@@ -971,6 +1134,8 @@ def test_triton_failure_falls_back_to_the_torch_form(monkeypatch):
     monkeypatch.setattr(triton_ops, "row_entropy_backward_", lambda *a: calls.append("bwd"))
     monkeypatch.setattr(triton_ops, "resize_slots", lambda *a, seed=None: calls.append(("resize", seed is not None)))
     monkeypatch.setattr(triton_ops, "adamw_slots", lambda *a: calls.append("adamw"))
+    monkeypatch.setattr(triton_ops, "attn_entropy", lambda *a: calls.append("attn") or (None, None))
+    monkeypatch.setattr(triton_ops, "attn_entropy_backward", lambda *a: calls.append("attn_bwd"))
     assert triton_ops.usable(FakeCuda()) is True and triton_ops.usable(FakeCuda()) is True
     # each kernel once; the resize not on the run's generator
-    assert calls[1:] == ["fwd", "bwd", ("resize", True), "adamw"]
+    assert calls[1:] == ["fwd", "bwd", ("resize", True), "adamw", "attn", "attn_bwd"]

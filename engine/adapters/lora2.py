@@ -339,15 +339,21 @@ class GroupEntropy(torch.autograd.Function):
     own q and k (which SDPA keeps anyway: no copy is held) and the row entropies; the backward recomputes the
     scores: with H = -sum p log p over a row, dH/dz = -p (log p + H), and writes dq and dk in the projections'
     layout. Eager autograd keeps two fp32 (B, h, T, N) maps per layer (~0.9 GB on SDXL). Autocast is off inside:
-    the scores are formed in q's dtype. On CUDA the softmax, entropy and dz are Triton row kernels (triton_ops), one
-    pass over the scores each; elsewhere the torch form of the same maths runs.
+    the scores are formed in q's dtype. On CUDA, with 16-bit q and k (the trainer's), Triton kernels form the scores
+    tile by tile in registers and keep only one value per row (triton_ops.attn_entropy, and the backward from q, k,
+    lse and H): no score buffer and no GEMM per layer. Other CUDA inputs go through the buffer and Triton row
+    kernels (one pass over the scores each); elsewhere the torch form of the same maths runs.
     """
 
     @staticmethod
     def forward(ctx, scale, n, *qk):
         qs, ks = qk[:n], qk[n:]
+        same_strides = all(q.stride() == qs[0].stride() for q in qs) and all(k.stride() == ks[0].stride() for k in ks)
+        ctx.fused = same_strides and triton_ops.fused_entropy_ok(qs[0], ks[0])  # a launch reads all with q_1's strides
         with torch.autocast(qs[0].device.type, enabled=False):
-            if triton_ops.usable(qs[0]):  # one pass over the scores, nothing in fp32 but one value per row
+            if ctx.fused:  # straight from q and k, tile by tile: no score map at all
+                ent, lse = triton_ops.attn_entropy(qs, ks, scale)  # (L * M, T) each
+            elif triton_ops.usable(qs[0]):  # one pass over the scores, nothing in fp32 but one value per row
                 ent, lse = triton_ops.row_entropy(_scores(qs, ks), scale)  # (L * M, T) each
             else:
                 logp = _log_maps(qs, ks, scale)  # (L * M, T, N)
@@ -364,6 +370,10 @@ class GroupEntropy(torch.autograd.Function):
         qs, ks = qk[:n], qk[n:]
         with torch.autocast(g.device.type, enabled=False):
             rows = ent.numel() // n  # each layer's value is the mean over its rows; z = scale k q^T
+            if ctx.fused:  # dz formed tile by tile and used at once, dq and dk in the projections' layout
+                w = g.float() * (-ctx.scale / rows)
+                dq, dk = triton_ops.attn_entropy_backward(qs, ks, lse, ent, w, ctx.scale)
+                return None, None, *dq.transpose(2, 3).unbind(0), *dk.transpose(2, 3).unbind(0)
             if lse is not None:  # the kernel turns the recomputed scores into dz in place, one pass
                 w = g.float() * (-ctx.scale / rows)
                 dz = triton_ops.row_entropy_backward_(_scores(qs, ks), lse, ent, w, ctx.scale)
@@ -381,17 +391,20 @@ ENTROPY_CHUNK_BYTES = 64 << 20  # layers per GroupEntropy call: their fp32 maps 
 
 
 def batched_token_entropies(pending: list[tuple[torch.Tensor, torch.Tensor, float]]) -> list[torch.Tensor]:
-    """token_entropy of every (q, k, scale) the attention processors recorded, one GroupEntropy per shape group
-    (in chunks whose maps fit ENTROPY_CHUNK_BYTES: an unchunked SDXL group held ~1 GB of transient maps at the
-    step's memory peak); one value per entry (order of the groups, not of the entries: only their mean is used)."""
+    """token_entropy of every (q, k, scale) the attention processors recorded, one GroupEntropy per group of equal
+    shapes and strides (where the scores go through a buffer, in chunks whose maps fit ENTROPY_CHUNK_BYTES: an
+    unchunked SDXL group held ~1 GB of transient maps at the step's memory peak; the fused kernels form no map and
+    take the whole group); one value per entry (order of the groups, not of the entries: only their mean is used)."""
     groups: dict[tuple, list] = {}
     for q, k, scale in pending:
-        groups.setdefault((q.shape, k.shape, q.dtype, k.dtype, q.device, scale), []).append((q, k))
+        key = (q.shape, k.shape, q.stride(), k.stride(), q.dtype, k.dtype, q.device, scale)
+        groups.setdefault(key, []).append((q, k))
     out = []
-    for (qshape, kshape, _, _, _, scale), items in groups.items():
+    for (qshape, kshape, *_, scale), items in groups.items():
         b, h, n, _ = qshape
         per_layer = b * h * kshape[-2] * n * 4  # one fp32 (B, h, T, N) map
-        step = max(1, ENTROPY_CHUNK_BYTES // per_layer)
+        fused = triton_ops.fused_entropy_ok(*items[0])  # forms no map: the whole group at once
+        step = len(items) if fused else max(1, ENTROPY_CHUNK_BYTES // per_layer)
         for i in range(0, len(items), step):
             chunk = items[i:i + step]
             ent = GroupEntropy.apply(scale, len(chunk), *[a for a, _ in chunk], *[c for _, c in chunk])

@@ -53,6 +53,9 @@ def _works_on(device: torch.device) -> bool:
                 one = torch.ones((), device=device)
                 adamw_slots([a], [a.clone()], [a.clone()], [a.clone()], [one], [ranks < 2], 0, one, 0.9, 0.999,
                             1e-8, 0.0)
+                q = torch.zeros(1, 1, 16, 16, device=device, dtype=torch.bfloat16)
+                h, lse = attn_entropy([q], [q[:, :, :4]], 1.0)
+                attn_entropy_backward([q], [q[:, :, :4]], lse, h, one[None], 1.0)
                 ok = True
             except Exception as e:  # noqa: BLE001 - any compile or launch failure means: use the torch form
                 warnings.warn(f"Triton kernels unavailable on {device} ({type(e).__name__}: {str(e)[:200]}); "
@@ -221,24 +224,31 @@ def adamw_slots(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
     return tables
 
 
-_TABLES: dict[tuple, torch.Tensor] = {}  # pointer tables by (device, pointers): made once, reused every step
+_TABLES: dict[tuple, tuple] = {}  # pointer tables by (device, pointers): made once, reused every step
+_CAPTURED: dict[tuple, tuple] = {}  # tables made inside a CUDA graph capture: never dropped (see _table)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _table(ptrs: list[int], device: torch.device) -> torch.Tensor:
     """The int64 device tensor of these pointers, made once per pointer list. A new one is copied from pinned
-    memory without a host sync (eager steps whose gradients move get new tables). Callers whose launches are
-    replayed by a CUDA graph keep their own reference (SlotAdamW): a cleared entry is then not freed."""
+    memory without a host sync (eager steps whose activations or gradients move get new tables). A table made
+    while a CUDA graph is being captured is kept for good, with its pinned source: every replay repeats the copy
+    from that host memory and reads the device table."""
     key = (device, tuple(ptrs))
-    entry = _TABLES.get(key)
+    entry = _TABLES.get(key) or _CAPTURED.get(key)
     if entry is None:
         if len(_TABLES) > 256:  # pointers of tensors long gone (a new optimizer, a reloaded run)
             _TABLES.clear()
         host = torch.tensor(ptrs or [0], dtype=torch.int64)
         if torch.device(device).type == "cuda":
             host = host.pin_memory()
-            entry = _TABLES[key] = (host.to(device, non_blocking=True), host)  # the pinned source outlives the copy
+            entry = (host.to(device, non_blocking=True), host)  # the pinned source outlives the copy
         else:
-            entry = _TABLES[key] = (host.to(device), host)
+            entry = (host.to(device), host)
+        (_CAPTURED if _capturing() else _TABLES)[key] = entry
     return entry[0]
 
 
@@ -292,3 +302,209 @@ def row_entropy_backward_(z: torch.Tensor, lse: torch.Tensor, h: torch.Tensor, w
         _row_entropy_bwd[(rows,)](z, lse, h, w.float().contiguous(), n, rows // w.numel(), float(scale),
                                   BLOCK=block, num_warps=warps)
     return z
+
+
+# --- LoRA²'s cross-attention entropy straight from q and k (no score map) -------------------------------------
+FUSED_ENTROPY = True  # False: the scores go through a buffer and the row kernels above (the bench's ablation)
+ENTROPY_BLOCK_N = 64  # image positions per tile (32 for heads over 64 channels: no register spills on sm_80/89)
+ENTROPY_LAYERS = 16  # layers per launch: their q and k are passed as arguments (no pointer table to copy, which a
+#                      CUDA graph capture, where the activations get their addresses, could not do safely)
+
+
+def fused_entropy_ok(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether attn_entropy can take these (B, h, N, hd) queries and (B, h, T, hd) keys: a 16-bit float (the
+    tiles' dot products run on the tensor cores), heads of at most 128 channels and at most 256 text tokens (one
+    register tile holds a head's keys), unit stride along the head's channels, and usable()."""
+    return (FUSED_ENTROPY and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
+            and q.shape[-1] <= 128 and k.shape[-2] <= 256 and q.stride(-1) == 1 and k.stride(-1) == 1 and usable(q))
+
+
+if triton is not None:
+    @triton.jit
+    def _pick(i, p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15):
+        """Argument i of p0..p15 (i is the program's layer)."""
+        p = p0
+        p = tl.where(i == 1, p1, p)
+        p = tl.where(i == 2, p2, p)
+        p = tl.where(i == 3, p3, p)
+        p = tl.where(i == 4, p4, p)
+        p = tl.where(i == 5, p5, p)
+        p = tl.where(i == 6, p6, p)
+        p = tl.where(i == 7, p7, p)
+        p = tl.where(i == 8, p8, p)
+        p = tl.where(i == 9, p9, p)
+        p = tl.where(i == 10, p10, p)
+        p = tl.where(i == 11, p11, p)
+        p = tl.where(i == 12, p12, p)
+        p = tl.where(i == 13, p13, p)
+        p = tl.where(i == 14, p14, p)
+        p = tl.where(i == 15, p15, p)
+        return p
+
+    @triton.jit
+    def _attn_entropy_fwd(q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15,
+                          k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15,
+                          out0, out1, out2, heads, N, T, span, sqb, sqh, sqn, skb, skh, skt, scale,
+                          HD: tl.constexpr, FINAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+        """Program (i, b * heads + h, s): every text token's attention over image positions [s span, (s + 1) span)
+        in layer i (q_i, k_i), batch item b, head h, with z = scale k_t . q_n formed tile by tile in fp32 and never
+        stored. Per token, online over the tiles: m (max z), e = sum e^(z - m), u = sum e^(z - m) z. FINAL (one
+        span): out0 = lse = m + log e and out1 = H = lse - u / e; else out0..2 = m, e, u, each (L, S, B heads, T)."""
+        i = tl.program_id(0)
+        bh = tl.program_id(1)
+        sp = tl.program_id(2)
+        b = (bh // heads).to(tl.int64)
+        h = (bh % heads).to(tl.int64)
+        q = _pick(i, q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15) + b * sqb + h * sqh
+        k = _pick(i, k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15) + b * skb + h * skh
+        rt = tl.arange(0, BLOCK_T)
+        rd = tl.arange(0, BLOCK_D)
+        rn = tl.arange(0, BLOCK_N)
+        kb = tl.load(k + rt[:, None] * skt + rd[None, :], mask=(rt[:, None] < T) & (rd[None, :] < HD), other=0.0)
+        m = tl.full([BLOCK_T], float("-inf"), tl.float32)
+        e = tl.zeros([BLOCK_T], tl.float32)
+        u = tl.zeros([BLOCK_T], tl.float32)
+        start = sp * span
+        end = tl.minimum(start + span, N)
+        for n0 in tl.range(start, end, BLOCK_N):
+            cols = n0 + rn
+            inside = cols < end
+            qt = tl.load(q + cols[:, None].to(tl.int64) * sqn + rd[None, :],
+                         mask=inside[:, None] & (rd[None, :] < HD), other=0.0)
+            z = tl.dot(kb, tl.trans(qt)) * scale  # (BLOCK_T, BLOCK_N)
+            z = tl.where(inside[None, :], z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has a column inside
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(z - m_new[:, None])
+            e = e * alpha + tl.sum(p, axis=1)
+            u = u * alpha + tl.sum(p * tl.where(inside[None, :], z, 0.0), axis=1)
+            m = m_new
+        row = ((i * tl.num_programs(2) + sp) * tl.num_programs(1) + bh).to(tl.int64) * T + rt
+        if FINAL:
+            lse = m + tl.log(e)
+            tl.store(out0 + row, lse, mask=rt < T)
+            tl.store(out1 + row, lse - u / e, mask=rt < T)
+        else:
+            tl.store(out0 + row, m, mask=rt < T)
+            tl.store(out1 + row, e, mask=rt < T)
+            tl.store(out2 + row, u, mask=rt < T)
+
+    @triton.jit
+    def _attn_entropy_bwd(q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15,
+                          k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15,
+                          lse_ptr, h_ptr, w_ptr, dq_ptr, dk_ptr, heads, N, T, span, sqb, sqh, sqn, skb, skh, skt,
+                          scale, HD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+        """Program (i, b * heads + h, s), over the same tiles as _attn_entropy_fwd: the scores' gradient
+        dz = w_i p (log p + H) (see _row_entropy_bwd; w_i = -c_i scale), rounded to q's dtype as a GEMM would take
+        it, never stored. dq rows = dz^T k go to dq (L, B, N, heads, HD) in q's dtype; this span's dk = dz q,
+        summed over its tiles in fp32, goes to dk (L, S, B, T, heads, HD)."""
+        i = tl.program_id(0)
+        bh = tl.program_id(1)
+        sp = tl.program_id(2)
+        n_bh = tl.num_programs(1)
+        b = (bh // heads).to(tl.int64)
+        h = (bh % heads).to(tl.int64)
+        q = _pick(i, q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15) + b * sqb + h * sqh
+        k = _pick(i, k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15) + b * skb + h * skh
+        dtype = q0.dtype.element_ty
+        rt = tl.arange(0, BLOCK_T)
+        rd = tl.arange(0, BLOCK_D)
+        rn = tl.arange(0, BLOCK_N)
+        row_ok = rt < T
+        d_ok = rd < HD
+        kb = tl.load(k + rt[:, None] * skt + rd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        row = (i * n_bh + bh).to(tl.int64) * T + rt
+        lse = tl.load(lse_ptr + row, mask=row_ok, other=0.0)
+        ent = tl.load(h_ptr + row, mask=row_ok, other=0.0)
+        w = tl.load(w_ptr + i)
+        width = heads * HD  # row stride of dq and dk: (.., positions, heads, HD)
+        b_all = n_bh // heads
+        dq = dq_ptr + ((i * b_all + b) * N) * width + h * HD
+        acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        start = sp * span
+        end = tl.minimum(start + span, N)
+        for n0 in tl.range(start, end, BLOCK_N):
+            cols = n0 + rn
+            inside = cols < end
+            tile = inside[:, None] & d_ok[None, :]
+            qt = tl.load(q + cols[:, None].to(tl.int64) * sqn + rd[None, :], mask=tile, other=0.0)
+            logp = tl.dot(kb, tl.trans(qt)) * scale - lse[:, None]
+            dz = tl.exp(logp) * (logp + ent[:, None]) * w
+            dz = tl.where(row_ok[:, None] & inside[None, :], dz, 0.0).to(dtype)
+            dqt = tl.dot(tl.trans(dz), kb)  # (BLOCK_N, BLOCK_D)
+            tl.store(dq + cols[:, None].to(tl.int64) * width + rd[None, :], dqt.to(dtype), mask=tile)
+            acc = tl.dot(dz, qt, acc)
+        dk = dk_ptr + ((i * tl.num_programs(2) + sp) * b_all + b) * T * width + h * HD
+        tl.store(dk + rt[:, None].to(tl.int64) * width + rd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+
+
+_SMS: dict[torch.device, int] = {}
+
+
+def _entropy_plan(qs, ks) -> tuple[int, int, dict]:
+    """Spans per (layer, head) program, their width and the kernels' meta-parameters for L same-shape layers:
+    enough spans of image positions that a launch fills the GPU about twice (a 64x64 SDXL group has 10 heads)."""
+    dev = qs[0].device
+    if dev not in _SMS:
+        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    b, heads, n, hd = qs[0].shape
+    block_d = max(16, triton.next_power_of_2(hd))
+    block_n = ENTROPY_BLOCK_N if block_d <= 64 else ENTROPY_BLOCK_N // 2
+    tiles = triton.cdiv(n, block_n)
+    programs = min(len(qs), ENTROPY_LAYERS) * b * heads
+    split = max(1, min(tiles, triton.cdiv(2 * _SMS[dev], programs)))
+    span = triton.cdiv(tiles, split) * block_n
+    meta = dict(HD=hd, BLOCK_T=max(16, triton.next_power_of_2(ks[0].shape[2])), BLOCK_N=block_n, BLOCK_D=block_d,
+                num_warps=8)  # bench/compile_kernels.py: 8 warps spill no registers on sm_90, 4 did
+    return triton.cdiv(n, span), span, meta  # no empty span
+
+
+def _launches(qs, ks):
+    """(first layer, layer count, the 32 q and k arguments) of each launch: ENTROPY_LAYERS layers at most, unused
+    argument slots repeat the first layer's tensors (never read)."""
+    for j in range(0, len(qs), ENTROPY_LAYERS):
+        q, k = list(qs[j:j + ENTROPY_LAYERS]), list(ks[j:j + ENTROPY_LAYERS])
+        n = len(q)
+        yield j, n, q + [q[0]] * (ENTROPY_LAYERS - n) + k + [k[0]] * (ENTROPY_LAYERS - n)
+
+
+def attn_entropy(qs: list[torch.Tensor], ks: list[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy (nats) and log-sum-exp of softmax over image positions of scale * k q^T, for L same-shape layers
+    (each q (B, h, N, hd), k (B, h, T, hd), same strides; see fused_entropy_ok) -> fp32 (L * B * h, T) each, as
+    row_entropy of their score maps gives, without forming the maps."""
+    b, heads, n, _ = qs[0].shape
+    t = ks[0].shape[2]
+    split, span, meta = _entropy_plan(qs, ks)
+    parts = torch.empty(3, len(qs), split, b * heads, t, device=qs[0].device, dtype=torch.float32)
+    strides = (*qs[0].stride()[:3], *ks[0].stride()[:3])
+    for j, count, args in _launches(qs, ks):
+        _attn_entropy_fwd[(count, b * heads, split)](*args, parts[0, j:], parts[1, j:], parts[2, j:], heads, n, t,
+                                                     span, *strides, float(scale), FINAL=split == 1, **meta)
+    if split == 1:
+        return parts[1].view(-1, t), parts[0].view(-1, t)  # H, lse
+    m, e, u = parts
+    top = m.amax(1, keepdim=True)
+    w = (m - top).exp_()
+    total = (e * w).sum(1)
+    lse = top.squeeze(1) + total.log()
+    return (lse - (u * w).sum(1) / total).view(-1, t), lse.view(-1, t)
+
+
+def attn_entropy_backward(qs: list[torch.Tensor], ks: list[torch.Tensor], lse: torch.Tensor, ent: torch.Tensor,
+                          w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients for q and k of sum_l c_l sum_rows H (w_l = -c_l scale, fp32 (L,)), from attn_entropy's lse and H,
+    recomputing the scores tile by tile -> dq (L, B, N, h, hd) and dk (L, B, T, h, hd) in q's dtype: the
+    (B, S, h * hd) layout of the projections they flow back into."""
+    b, heads, n, hd = qs[0].shape
+    t = ks[0].shape[2]
+    split, span, meta = _entropy_plan(qs, ks)
+    lse, ent, w = lse.contiguous().view(len(qs), -1), ent.contiguous().view(len(qs), -1), w.float().contiguous()
+    dq = qs[0].new_empty(len(qs), b, n, heads, hd)
+    dk = torch.empty(len(qs), split, b, t, heads, hd, device=qs[0].device, dtype=torch.float32)
+    strides = (*qs[0].stride()[:3], *ks[0].stride()[:3])
+    for j, count, args in _launches(qs, ks):
+        _attn_entropy_bwd[(count, b * heads, split)](*args, lse[j:], ent[j:], w[j:], dq[j:], dk[j:], heads, n, t,
+                                                     span, *strides, float(scale), **meta)
+    return dq, (dk[:, 0] if split == 1 else dk.sum(1)).to(qs[0].dtype)
