@@ -373,7 +373,7 @@ class GroupEntropy(torch.autograd.Function):
             if ctx.fused:  # dz formed tile by tile and used at once, dq and dk in the projections' layout
                 w = g.float() * (-ctx.scale / rows)
                 dq, dk = triton_ops.attn_entropy_backward(qs, ks, lse, ent, w, ctx.scale)
-                return None, None, *dq.transpose(2, 3).unbind(0), *dk.transpose(2, 3).unbind(0)
+                return None, None, *(g.transpose(1, 2) for g in dq), *(g.transpose(1, 2) for g in dk)
             if lse is not None:  # the kernel turns the recomputed scores into dz in place, one pass
                 w = g.float() * (-ctx.scale / rows)
                 dz = triton_ops.row_entropy_backward_(_scores(qs, ks), lse, ent, w, ctx.scale)

@@ -493,18 +493,22 @@ def attn_entropy(qs: list[torch.Tensor], ks: list[torch.Tensor], scale: float) -
 
 
 def attn_entropy_backward(qs: list[torch.Tensor], ks: list[torch.Tensor], lse: torch.Tensor, ent: torch.Tensor,
-                          w: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                          w: torch.Tensor, scale: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Gradients for q and k of sum_l c_l sum_rows H (w_l = -c_l scale, fp32 (L,)), from attn_entropy's lse and H,
-    recomputing the scores tile by tile -> dq (L, B, N, h, hd) and dk (L, B, T, h, hd) in q's dtype: the
-    (B, S, h * hd) layout of the projections they flow back into."""
+    recomputing the scores tile by tile -> per layer dq (B, N, h, hd) and dk (B, T, h, hd) in q's dtype: the
+    (B, S, h * hd) layout of the projections they flow back into. One buffer per launch: autograd frees it once
+    its <= 16 layers have taken their gradients, not only after the group's last one."""
     b, heads, n, hd = qs[0].shape
     t = ks[0].shape[2]
     split, span, meta = _entropy_plan(qs, ks)
     lse, ent, w = lse.contiguous().view(len(qs), -1), ent.contiguous().view(len(qs), -1), w.float().contiguous()
-    dq = qs[0].new_empty(len(qs), b, n, heads, hd)
-    dk = torch.empty(len(qs), split, b, t, heads, hd, device=qs[0].device, dtype=torch.float32)
     strides = (*qs[0].stride()[:3], *ks[0].stride()[:3])
+    dqs, dks = [], []
     for j, count, args in _launches(qs, ks):
-        _attn_entropy_bwd[(count, b * heads, split)](*args, lse[j:], ent[j:], w[j:], dq[j:], dk[j:], heads, n, t,
-                                                     span, *strides, float(scale), **meta)
-    return dq, (dk[:, 0] if split == 1 else dk.sum(1)).to(qs[0].dtype)
+        dq = qs[0].new_empty(count, b, n, heads, hd)
+        dk = torch.empty(count, split, b, t, heads, hd, device=qs[0].device, dtype=torch.float32)
+        _attn_entropy_bwd[(count, b * heads, split)](*args, lse[j:], ent[j:], w[j:], dq, dk, heads, n, t, span,
+                                                     *strides, float(scale), **meta)
+        dqs.extend(dq.unbind(0))
+        dks.extend((dk[:, 0] if split == 1 else dk.sum(1)).to(qs[0].dtype).unbind(0))
+    return dqs, dks
