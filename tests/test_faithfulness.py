@@ -939,14 +939,20 @@ def test_resize_kernel_takes_only_groups_it_can_write():
     assert _slot_moments(opt, layers) is None
 
 
-def _stacked_views(b, n, t, h, hd, device, seed, extra=8):
+def _stacked_views(b, n, t, h, hd, device, seed, extra=8, k_layout="stacked"):
     """q and k as a stacked projection leaves them: head views of the first h * hd columns of (B, S, h * hd + extra)
-    outputs (the rest is the low-rank h), bf16."""
+    outputs (the rest is the low-rank h), bf16. k's outputs are 8 columns wider than q's (other strides);
+    k_layout "heads": k is a contiguous (B, h, T, hd) tensor instead (yet other strides, heads outermost)."""
     g = torch.Generator(device).manual_seed(seed)
     qf = (torch.randn(b, n, h * hd + extra, generator=g, device=device) * 2).to(torch.bfloat16).requires_grad_()
-    kf = (torch.randn(b, t, h * hd + extra, generator=g, device=device) * 2).to(torch.bfloat16).requires_grad_()
-    return (qf, kf, qf[..., :h * hd].unflatten(-1, (h, hd)).transpose(1, 2),
-            kf[..., :h * hd].unflatten(-1, (h, hd)).transpose(1, 2))
+    if k_layout == "heads":
+        kf = (torch.randn(b, h, t, hd, generator=g, device=device) * 2).to(torch.bfloat16).requires_grad_()
+        kv = kf
+    else:
+        kf = (torch.randn(b, t, h * hd + extra + 8, generator=g, device=device) * 2).to(torch.bfloat16)
+        kf.requires_grad_()
+        kv = kf[..., :h * hd].unflatten(-1, (h, hd)).transpose(1, 2)
+    return qf, kf, qf[..., :h * hd].unflatten(-1, (h, hd)).transpose(1, 2), kv
 
 
 def _exact_entropies(views, scale, weights):
@@ -968,14 +974,17 @@ def test_kernel_fused_entropy_equals_float64(kernel_device, monkeypatch):
     """attn_entropy and its backward (scores formed tile by tile, never stored) give the float64 entropies, log-sum-
     exps and q, k gradients of the same bf16 inputs: one span per program and many (partial results combined),
     heads of 16, 40 (padded to 64), 64 and 80 channels, 20 and 77 tokens, strided views as stacked projections
-    give, and more layers than one launch takes."""
+    give, and more layers than one launch takes. (The interpreter runs programs one after another: a store
+    without its mask, a race between programs on a GPU, shows only in the gpu-marked run.)"""
     from engine.adapters import triton_ops
 
     cases = [((2, 300, 77, 2, 16), 0, 3), ((1, 130, 77, 3, 40), 8, 3), ((1, 1000, 20, 1, 64), 16, 3),
              ((1, 200, 77, 2, 80), 8, 2),  # heads over 64 channels: tiles of 32 positions
+             ((2, 100, 77, 3, 40), "heads", 2),  # k contiguous (B, h, T, hd): its strides unlike q's in every axis
              ((1, 150, 77, 1, 16), 0, triton_ops.ENTROPY_LAYERS + 2)]  # two launches
     for (b, n, t, h, hd), extra, layers in cases:
-        views = [_stacked_views(b, n, t, h, hd, kernel_device, seed=i, extra=extra) for i in range(layers)]
+        views = [_stacked_views(b, n, t, h, hd, kernel_device, seed=i, extra=8 if extra == "heads" else extra,
+                                k_layout="heads" if extra == "heads" else "stacked") for i in range(layers)]
         qs, ks = [v[2] for v in views], [v[3] for v in views]
         assert triton_ops.fused_entropy_ok(qs[0], ks[0])
         scale = hd ** -0.5
@@ -1082,28 +1091,83 @@ def test_kernel_lora2_step_with_fused_entropy_equals_the_torch_form(kernel_devic
         assert float((a - b).norm()) <= 2e-2 * float(b.norm()) + 1e-6
 
 
+@pytest.mark.parametrize("stage", ["forward", "backward"])
+@pytest.mark.parametrize("kernel_device", _kernel_params(), indirect=True)
+def test_kernel_fused_entropy_failure_falls_back_to_the_row_kernels(kernel_device, stage, monkeypatch):
+    """Where a fused entropy kernel raises at some sizes (cannot compile, too little shared memory on this GPU),
+    GroupEntropy warns once and computes the same values and gradients through the score buffer and row kernels,
+    and those sizes skip the fused kernels from then on; other sizes keep them."""
+    from engine.adapters import lora2, triton_ops
+    from engine.adapters.lora2 import batched_token_entropies
+
+    monkeypatch.setattr(triton_ops, "_FUSED_FAILED", set())
+    shape = (1, 200, 77, 2, 16)
+
+    def run():
+        views = [_stacked_views(*shape, kernel_device, seed=i) for i in range(2)]
+        ent = batched_token_entropies([(qv, kv, 0.3) for _, _, qv, kv in views])
+        torch.autograd.backward(ent, [torch.ones_like(e) for e in ent])
+        return torch.stack(ent).detach(), [t.grad.clone() for v in views for t in v[:2]]
+
+    monkeypatch.setattr(triton_ops, "FUSED_ENTROPY", False)
+    ref_ent, ref_grads = run()  # the row kernels
+    monkeypatch.setattr(triton_ops, "FUSED_ENTROPY", True)
+    name = "attn_entropy" if stage == "forward" else "attn_entropy_backward"
+    real, calls = getattr(triton_ops, name), []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(triton_ops, name, broken)
+    scores = []
+    real_scores = lora2._scores
+    monkeypatch.setattr(lora2, "_scores", lambda *a: scores.append(1) or real_scores(*a))
+    with pytest.warns(RuntimeWarning, match="fused entropy kernels failed for heads of 16 channels and 77 tokens"):
+        got_ent, got_grads = run()
+    assert calls == [1] and scores  # tried once, then the buffer path
+    if stage == "forward":
+        assert torch.equal(got_ent, ref_ent)
+    else:  # the fused forward's values (fp32 scores); the backward recomputes lse and H with the row kernels
+        assert torch.allclose(got_ent, ref_ent, rtol=2e-3, atol=1e-5) and not torch.equal(got_ent, ref_ent)
+    for a, b in zip(got_grads, ref_grads, strict=True):
+        assert torch.equal(a, b)
+    q = _stacked_views(*shape, kernel_device, seed=0)[2]
+    k = _stacked_views(*shape, kernel_device, seed=0)[3]
+    assert not triton_ops.fused_entropy_ok(q, k)  # retired for these sizes
+    q2 = _stacked_views(1, 200, 20, 2, 16, kernel_device, seed=0)[2:]
+    assert triton_ops.fused_entropy_ok(*q2)  # other sizes keep the fused kernels
+    monkeypatch.setattr(triton_ops, name, real)
+
+
 def _init_std_of(layer):
     from engine.adapters.lora2 import _init_stds
     return _init_stds([layer], layer.active[None])[0]
 
 
-def test_pointer_tables_made_during_a_graph_capture_are_never_dropped(monkeypatch):
-    """A CUDA graph replays a captured table copy from its pinned source and reads the device table: tables made
-    while capturing stay (with their source) when the cache of eager tables is cleared; eager ones are reused."""
+def test_pointer_tables_a_graph_capture_makes_or_uses_are_never_dropped(monkeypatch):
+    """A CUDA graph replays a captured table copy from its pinned source and reads the device table: tables made or
+    used while capturing stay (with their source) when the cache of eager tables is cleared. Outside a capture a
+    table made inside one is not used (its device copy exists only once the graph has replayed)."""
     from engine.adapters import triton_ops
 
+    cpu = torch.device("cpu")
     monkeypatch.setattr(triton_ops, "_TABLES", {})
     monkeypatch.setattr(triton_ops, "_CAPTURED", {})
-    monkeypatch.setattr(triton_ops, "_capturing", lambda: True)
-    captured = triton_ops._table([11, 12], torch.device("cpu"))
-    assert captured.tolist() == [11, 12] and len(triton_ops._CAPTURED) == 1 and not triton_ops._TABLES
     monkeypatch.setattr(triton_ops, "_capturing", lambda: False)
-    first = triton_ops._table([1], torch.device("cpu"))
-    assert triton_ops._table([1], torch.device("cpu")) is first  # made once
+    eager = triton_ops._table([1], cpu)
+    assert triton_ops._table([1], cpu) is eager  # made once
+    monkeypatch.setattr(triton_ops, "_capturing", lambda: True)
+    captured = triton_ops._table([11, 12], cpu)
+    assert captured.tolist() == [11, 12] and (cpu, (11, 12)) in triton_ops._CAPTURED
+    assert triton_ops._table([1], cpu) is eager and (cpu, (1,)) in triton_ops._CAPTURED  # used by the graph: kept
+    monkeypatch.setattr(triton_ops, "_capturing", lambda: False)
+    assert triton_ops._table([11, 12], cpu) is not captured  # eager steps make their own
     for i in range(300):  # past the cache's bound: the eager tables are dropped
-        triton_ops._table([100 + i], torch.device("cpu"))
-    assert len(triton_ops._TABLES) < 300 and (torch.device("cpu"), (1,)) not in triton_ops._TABLES
-    assert triton_ops._table([11, 12], torch.device("cpu")) is captured and len(triton_ops._CAPTURED) == 1
+        triton_ops._table([100 + i], cpu)
+    assert len(triton_ops._TABLES) < 300 and (cpu, (1,)) not in triton_ops._TABLES
+    monkeypatch.setattr(triton_ops, "_capturing", lambda: True)
+    assert triton_ops._table([11, 12], cpu) is captured and triton_ops._table([1], cpu) is eager
 
 
 def test_triton_failure_falls_back_to_the_torch_form(monkeypatch):
@@ -1134,8 +1198,7 @@ def test_triton_failure_falls_back_to_the_torch_form(monkeypatch):
     monkeypatch.setattr(triton_ops, "row_entropy_backward_", lambda *a: calls.append("bwd"))
     monkeypatch.setattr(triton_ops, "resize_slots", lambda *a, seed=None: calls.append(("resize", seed is not None)))
     monkeypatch.setattr(triton_ops, "adamw_slots", lambda *a: calls.append("adamw"))
-    monkeypatch.setattr(triton_ops, "attn_entropy", lambda *a: calls.append("attn") or (None, None))
-    monkeypatch.setattr(triton_ops, "attn_entropy_backward", lambda *a: calls.append("attn_bwd"))
     assert triton_ops.usable(FakeCuda()) is True and triton_ops.usable(FakeCuda()) is True
-    # each kernel once; the resize not on the run's generator
-    assert calls[1:] == ["fwd", "bwd", ("resize", True), "adamw", "attn", "attn_bwd"]
+    # each kernel once; the resize not on the run's generator (the fused entropy kernels are checked per size at
+    # their first use: test_kernel_fused_entropy_failure_falls_back_to_the_row_kernels)
+    assert calls[1:] == ["fwd", "bwd", ("resize", True), "adamw"]

@@ -330,6 +330,18 @@ def _softmax_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, torch.float32)  # bf16 maps in fp32, float64 (the tests) stays float64
 
 
+def _fused(fn, qs, ks, *args):
+    """fn(qs, ks, *args), a fused entropy kernel, or None where it raised outside a graph capture (these sizes
+    could not compile or get their resources on this GPU: triton_ops.fused_failed warns and retires them)."""
+    try:
+        return fn(qs, ks, *args)
+    except Exception as e:  # noqa: BLE001 - any failure: the score-buffer path computes the same
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise  # the trainer falls back to eager steps, which come back here
+        triton_ops.fused_failed(qs[0], ks[0], e)
+        return None
+
+
 class GroupEntropy(torch.autograd.Function):
     """attention_entropy of L same-shape layers at once: apply(scale, L, q_1..q_L, k_1..k_L) with each q (B, h, N,
     hd) and k (B, h, T, hd) unscaled, as the attention processor has them -> (L,) nats.
@@ -351,8 +363,10 @@ class GroupEntropy(torch.autograd.Function):
         same_strides = all(q.stride() == qs[0].stride() for q in qs) and all(k.stride() == ks[0].stride() for k in ks)
         ctx.fused = same_strides and triton_ops.fused_entropy_ok(qs[0], ks[0])  # a launch reads all with q_1's strides
         with torch.autocast(qs[0].device.type, enabled=False):
-            if ctx.fused:  # straight from q and k, tile by tile: no score map at all
-                ent, lse = triton_ops.attn_entropy(qs, ks, scale)  # (L * M, T) each
+            out = _fused(triton_ops.attn_entropy, qs, ks, scale) if ctx.fused else None  # no score map at all
+            ctx.fused = out is not None
+            if out is not None:
+                ent, lse = out  # (L * M, T) each
             elif triton_ops.usable(qs[0]):  # one pass over the scores, nothing in fp32 but one value per row
                 ent, lse = triton_ops.row_entropy(_scores(qs, ks), scale)  # (L * M, T) each
             else:
@@ -370,13 +384,16 @@ class GroupEntropy(torch.autograd.Function):
         qs, ks = qk[:n], qk[n:]
         with torch.autocast(g.device.type, enabled=False):
             rows = ent.numel() // n  # each layer's value is the mean over its rows; z = scale k q^T
-            if ctx.fused:  # dz formed tile by tile and used at once, dq and dk in the projections' layout
+            if lse is not None:  # Triton kernels
                 w = g.float() * (-ctx.scale / rows)
-                dq, dk = triton_ops.attn_entropy_backward(qs, ks, lse, ent, w, ctx.scale)
-                return None, None, *(g.transpose(1, 2) for g in dq), *(g.transpose(1, 2) for g in dk)
-            if lse is not None:  # the kernel turns the recomputed scores into dz in place, one pass
-                w = g.float() * (-ctx.scale / rows)
-                dz = triton_ops.row_entropy_backward_(_scores(qs, ks), lse, ent, w, ctx.scale)
+                if ctx.fused:  # dz formed tile by tile and used at once, dq and dk in the projections' layout
+                    out = _fused(triton_ops.attn_entropy_backward, qs, ks, lse, ent, w, ctx.scale)
+                    if out is not None:
+                        return None, None, *(d.transpose(1, 2) for d in out[0]), *(d.transpose(1, 2) for d in out[1])
+                z = _scores(qs, ks)  # the kernel turns the recomputed scores into dz in place, one pass
+                if ctx.fused:  # the fused backward failed: lse and H of these (rounded) scores, so p sums to 1
+                    ent, lse = triton_ops.row_entropy(z, ctx.scale)
+                dz = triton_ops.row_entropy_backward_(z, lse, ent, w, ctx.scale)
             else:
                 logp = _log_maps(qs, ks, ctx.scale)
                 w = (g.to(logp.dtype) * (-ctx.scale / rows)).view(n, 1, 1, 1)  # per layer, its (M, T, N) block

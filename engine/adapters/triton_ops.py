@@ -53,9 +53,6 @@ def _works_on(device: torch.device) -> bool:
                 one = torch.ones((), device=device)
                 adamw_slots([a], [a.clone()], [a.clone()], [a.clone()], [one], [ranks < 2], 0, one, 0.9, 0.999,
                             1e-8, 0.0)
-                q = torch.zeros(1, 1, 16, 16, device=device, dtype=torch.bfloat16)
-                h, lse = attn_entropy([q], [q[:, :, :4]], 1.0)
-                attn_entropy_backward([q], [q[:, :, :4]], lse, h, one[None], 1.0)
                 ok = True
             except Exception as e:  # noqa: BLE001 - any compile or launch failure means: use the torch form
                 warnings.warn(f"Triton kernels unavailable on {device} ({type(e).__name__}: {str(e)[:200]}); "
@@ -234,11 +231,17 @@ def _capturing() -> bool:
 
 def _table(ptrs: list[int], device: torch.device) -> torch.Tensor:
     """The int64 device tensor of these pointers, made once per pointer list. A new one is copied from pinned
-    memory without a host sync (eager steps whose activations or gradients move get new tables). A table made
-    while a CUDA graph is being captured is kept for good, with its pinned source: every replay repeats the copy
-    from that host memory and reads the device table."""
+    memory without a host sync (eager steps whose activations or gradients move get new tables). A table that a
+    CUDA graph capture makes or uses is kept for good, with its pinned source: every replay repeats the copy from
+    that host memory and reads the device table. Outside a capture only eager-made tables are used: the device
+    copy of a table made inside a capture exists only once the graph has been replayed."""
     key = (device, tuple(ptrs))
-    entry = _TABLES.get(key) or _CAPTURED.get(key)
+    capturing = _capturing()
+    entry = _CAPTURED.get(key) if capturing else None
+    if entry is None:
+        entry = _TABLES.get(key)
+        if entry is not None and capturing:
+            _CAPTURED[key] = entry  # the graph reads it: a later clear of _TABLES must not free it
     if entry is None:
         if len(_TABLES) > 256:  # pointers of tensors long gone (a new optimizer, a reloaded run)
             _TABLES.clear()
@@ -248,7 +251,7 @@ def _table(ptrs: list[int], device: torch.device) -> torch.Tensor:
             entry = (host.to(device, non_blocking=True), host)  # the pinned source outlives the copy
         else:
             entry = (host.to(device), host)
-        (_CAPTURED if _capturing() else _TABLES)[key] = entry
+        (_CAPTURED if capturing else _TABLES)[key] = entry
     return entry[0]
 
 
@@ -309,14 +312,31 @@ FUSED_ENTROPY = True  # False: the scores go through a buffer and the row kernel
 ENTROPY_BLOCK_N = 64  # image positions per tile (32 for heads over 64 channels: no register spills on sm_80/89)
 ENTROPY_LAYERS = 16  # layers per launch: their q and k are passed as arguments (no pointer table to copy, which a
 #                      CUDA graph capture, where the activations get their addresses, could not do safely)
+_FUSED_FAILED: set[tuple] = set()  # (device, dtype, head channels, tokens) whose fused launch raised
+
+
+def _fused_key(q: torch.Tensor, k: torch.Tensor) -> tuple:
+    return q.device, q.dtype, q.shape[-1], k.shape[-2]
 
 
 def fused_entropy_ok(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether attn_entropy can take these (B, h, N, hd) queries and (B, h, T, hd) keys: a 16-bit float (the
     tiles' dot products run on the tensor cores), heads of at most 128 channels and at most 256 text tokens (one
-    register tile holds a head's keys), unit stride along the head's channels, and usable()."""
+    register tile holds a head's keys), unit stride along the head's channels, usable(), and no earlier failure
+    at these sizes (fused_failed)."""
     return (FUSED_ENTROPY and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
-            and q.shape[-1] <= 128 and k.shape[-2] <= 256 and q.stride(-1) == 1 and k.stride(-1) == 1 and usable(q))
+            and q.shape[-1] <= 128 and k.shape[-2] <= 256 and q.stride(-1) == 1 and k.stride(-1) == 1
+            and _fused_key(q, k) not in _FUSED_FAILED and usable(q))
+
+
+def fused_failed(q: torch.Tensor, k: torch.Tensor, error: Exception) -> None:
+    """A fused launch raised outside a graph capture (it could not compile or get its resources on this GPU, at
+    these sizes): warn once; these sizes take the score buffer and row kernels from then on. Inside a capture the
+    caller re-raises instead: the trainer then falls back to eager steps, where this is reached."""
+    _FUSED_FAILED.add(_fused_key(q, k))
+    warnings.warn(f"LoRA²'s fused entropy kernels failed for heads of {q.shape[-1]} channels and {k.shape[-2]} "
+                  f"tokens on {q.device} ({type(error).__name__}: {str(error)[:200]}); using the score-buffer "
+                  "kernels there", RuntimeWarning, stacklevel=3)
 
 
 if triton is not None:
@@ -342,11 +362,27 @@ if triton is not None:
         return p
 
     @triton.jit
+    def _head_tiles(q, k, bh, heads, sqb, sqh, skb, skh, skt, T, HD: tl.constexpr, VEC: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Head bh = b * heads + h of one layer: its query base pointer and its keys, a (BLOCK_T, BLOCK_D) tile
+        (zero beyond T tokens and HD channels). The strides come divided by VEC (see _entropy_plan): multiplying
+        them back tells the compiler that rows start on VEC-element boundaries (16-byte loads for VEC = 8)."""
+        b = (bh // heads).to(tl.int64)
+        h = (bh % heads).to(tl.int64)
+        q = q + b * (sqb * VEC) + h * (sqh * VEC)
+        k = k + b * (skb * VEC) + h * (skh * VEC)
+        rt = tl.arange(0, BLOCK_T)
+        rd = tl.arange(0, BLOCK_D)
+        kb = tl.load(k + rt[:, None].to(tl.int64) * (skt * VEC) + rd[None, :],
+                     mask=(rt[:, None] < T) & (rd[None, :] < HD), other=0.0)
+        return q, kb
+
+    @triton.jit
     def _attn_entropy_fwd(q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15,
                           k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15,
                           out0, out1, out2, heads, N, T, span, sqb, sqh, sqn, skb, skh, skt, scale,
-                          HD: tl.constexpr, FINAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
+                          HD: tl.constexpr, VEC: tl.constexpr, FINAL: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """Program (i, b * heads + h, s): every text token's attention over image positions [s span, (s + 1) span)
         in layer i (q_i, k_i), batch item b, head h, with z = scale k_t . q_n formed tile by tile in fp32 and never
         stored. Per token, online over the tiles: m (max z), e = sum e^(z - m), u = sum e^(z - m) z. FINAL (one
@@ -354,14 +390,12 @@ if triton is not None:
         i = tl.program_id(0)
         bh = tl.program_id(1)
         sp = tl.program_id(2)
-        b = (bh // heads).to(tl.int64)
-        h = (bh % heads).to(tl.int64)
-        q = _pick(i, q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15) + b * sqb + h * sqh
-        k = _pick(i, k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15) + b * skb + h * skh
+        q = _pick(i, q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15)
+        k = _pick(i, k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15)
+        q, kb = _head_tiles(q, k, bh, heads, sqb, sqh, skb, skh, skt, T, HD, VEC, BLOCK_T, BLOCK_D)
         rt = tl.arange(0, BLOCK_T)
         rd = tl.arange(0, BLOCK_D)
         rn = tl.arange(0, BLOCK_N)
-        kb = tl.load(k + rt[:, None] * skt + rd[None, :], mask=(rt[:, None] < T) & (rd[None, :] < HD), other=0.0)
         m = tl.full([BLOCK_T], float("-inf"), tl.float32)
         e = tl.zeros([BLOCK_T], tl.float32)
         u = tl.zeros([BLOCK_T], tl.float32)
@@ -370,7 +404,7 @@ if triton is not None:
         for n0 in tl.range(start, end, BLOCK_N):
             cols = n0 + rn
             inside = cols < end
-            qt = tl.load(q + cols[:, None].to(tl.int64) * sqn + rd[None, :],
+            qt = tl.load(q + cols[:, None].to(tl.int64) * (sqn * VEC) + rd[None, :],
                          mask=inside[:, None] & (rd[None, :] < HD), other=0.0)
             z = tl.dot(kb, tl.trans(qt)) * scale  # (BLOCK_T, BLOCK_N)
             z = tl.where(inside[None, :], z, float("-inf"))
@@ -394,27 +428,29 @@ if triton is not None:
     def _attn_entropy_bwd(q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15,
                           k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15,
                           lse_ptr, h_ptr, w_ptr, dq_ptr, dk_ptr, heads, N, T, span, sqb, sqh, sqn, skb, skh, skt,
-                          scale, HD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                          scale, HD: tl.constexpr, VEC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr):
-        """Program (i, b * heads + h, s), over the same tiles as _attn_entropy_fwd: the scores' gradient
-        dz = w_i p (log p + H) (see _row_entropy_bwd; w_i = -c_i scale), rounded to q's dtype as a GEMM would take
-        it, never stored. dq rows = dz^T k go to dq (L, B, N, heads, HD) in q's dtype; this span's dk = dz q,
-        summed over its tiles in fp32, goes to dk (L, S, B, T, heads, HD)."""
+        """Program (i, b * heads + h, s), over the same tiles as _attn_entropy_fwd: the scores' gradient is
+        dz = w_i g with g = p (log p + H) (see _row_entropy_bwd; w_i = -c_i scale). g, within [-1/e, log N], is
+        rounded to q's dtype for the two GEMMs as a GEMM on a stored dz would take it; w_i multiplies their fp32
+        results (w_i g itself, ~1e-12 at LoRA²'s lambda_e, would flush to zero in fp16). dq rows = w_i g^T k go to
+        dq (L, B, N, heads, HD) in q's dtype; this span's dk = w_i g q, summed over its tiles in fp32, goes to dk
+        (L, S, B, T, heads, HD)."""
         i = tl.program_id(0)
         bh = tl.program_id(1)
         sp = tl.program_id(2)
         n_bh = tl.num_programs(1)
+        q = _pick(i, q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15)
+        k = _pick(i, k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15)
+        q, kb = _head_tiles(q, k, bh, heads, sqb, sqh, skb, skh, skt, T, HD, VEC, BLOCK_T, BLOCK_D)
+        dtype = q0.dtype.element_ty
         b = (bh // heads).to(tl.int64)
         h = (bh % heads).to(tl.int64)
-        q = _pick(i, q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15) + b * sqb + h * sqh
-        k = _pick(i, k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13, k14, k15) + b * skb + h * skh
-        dtype = q0.dtype.element_ty
         rt = tl.arange(0, BLOCK_T)
         rd = tl.arange(0, BLOCK_D)
         rn = tl.arange(0, BLOCK_N)
         row_ok = rt < T
         d_ok = rd < HD
-        kb = tl.load(k + rt[:, None] * skt + rd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         row = (i * n_bh + bh).to(tl.int64) * T + rt
         lse = tl.load(lse_ptr + row, mask=row_ok, other=0.0)
         ent = tl.load(h_ptr + row, mask=row_ok, other=0.0)
@@ -429,23 +465,25 @@ if triton is not None:
             cols = n0 + rn
             inside = cols < end
             tile = inside[:, None] & d_ok[None, :]
-            qt = tl.load(q + cols[:, None].to(tl.int64) * sqn + rd[None, :], mask=tile, other=0.0)
+            qt = tl.load(q + cols[:, None].to(tl.int64) * (sqn * VEC) + rd[None, :], mask=tile, other=0.0)
             logp = tl.dot(kb, tl.trans(qt)) * scale - lse[:, None]
-            dz = tl.exp(logp) * (logp + ent[:, None]) * w
-            dz = tl.where(row_ok[:, None] & inside[None, :], dz, 0.0).to(dtype)
-            dqt = tl.dot(tl.trans(dz), kb)  # (BLOCK_N, BLOCK_D)
+            g = tl.exp(logp) * (logp + ent[:, None])
+            g = tl.where(row_ok[:, None] & inside[None, :], g, 0.0).to(dtype)
+            dqt = tl.dot(tl.trans(g), kb) * w  # (BLOCK_N, BLOCK_D)
             tl.store(dq + cols[:, None].to(tl.int64) * width + rd[None, :], dqt.to(dtype), mask=tile)
-            acc = tl.dot(dz, qt, acc)
+            acc = tl.dot(g, qt, acc)
         dk = dk_ptr + ((i * tl.num_programs(2) + sp) * b_all + b) * T * width + h * HD
-        tl.store(dk + rt[:, None].to(tl.int64) * width + rd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(dk + rt[:, None].to(tl.int64) * width + rd[None, :], acc * w, mask=row_ok[:, None] & d_ok[None, :])
 
 
 _SMS: dict[torch.device, int] = {}
 
 
-def _entropy_plan(qs, ks) -> tuple[int, int, dict]:
-    """Spans per (layer, head) program, their width and the kernels' meta-parameters for L same-shape layers:
-    enough spans of image positions that a launch fills the GPU about twice (a 64x64 SDXL group has 10 heads)."""
+def _entropy_plan(qs, ks) -> tuple[int, int, tuple, dict]:
+    """Spans per (layer, head) program, their width, the strides to pass and the kernels' meta-parameters for L
+    same-shape layers: enough spans of image positions that a launch fills the GPU about twice (a 64x64 SDXL group
+    has 10 heads). Strides that are all multiples of 8 go divided by 8 (VEC = 8): SD1.5's 40-channel heads are
+    not 16-aligned as Triton checks arguments, but every row still starts on a 16-byte boundary."""
     dev = qs[0].device
     if dev not in _SMS:
         _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
@@ -456,9 +494,11 @@ def _entropy_plan(qs, ks) -> tuple[int, int, dict]:
     programs = min(len(qs), ENTROPY_LAYERS) * b * heads
     split = max(1, min(tiles, triton.cdiv(2 * _SMS[dev], programs)))
     span = triton.cdiv(tiles, split) * block_n
-    meta = dict(HD=hd, BLOCK_T=max(16, triton.next_power_of_2(ks[0].shape[2])), BLOCK_N=block_n, BLOCK_D=block_d,
-                num_warps=8)  # bench/compile_kernels.py: 8 warps spill no registers on sm_90, 4 did
-    return triton.cdiv(n, span), span, meta  # no empty span
+    strides = (*qs[0].stride()[:3], *ks[0].stride()[:3])  # sqb, sqh, sqn, skb, skh, skt
+    vec = 8 if all(x % 8 == 0 for x in strides) else 1
+    meta = dict(HD=hd, VEC=vec, BLOCK_T=max(16, triton.next_power_of_2(ks[0].shape[2])), BLOCK_N=block_n,
+                BLOCK_D=block_d, num_warps=8)  # bench/compile_kernels.py: 8 warps spill no registers on sm_90, 4 did
+    return triton.cdiv(n, span), span, tuple(x // vec for x in strides), meta  # no empty span
 
 
 def _launches(qs, ks):
@@ -476,9 +516,8 @@ def attn_entropy(qs: list[torch.Tensor], ks: list[torch.Tensor], scale: float) -
     row_entropy of their score maps gives, without forming the maps."""
     b, heads, n, _ = qs[0].shape
     t = ks[0].shape[2]
-    split, span, meta = _entropy_plan(qs, ks)
+    split, span, strides, meta = _entropy_plan(qs, ks)
     parts = torch.empty(3, len(qs), split, b * heads, t, device=qs[0].device, dtype=torch.float32)
-    strides = (*qs[0].stride()[:3], *ks[0].stride()[:3])
     for j, count, args in _launches(qs, ks):
         _attn_entropy_fwd[(count, b * heads, split)](*args, parts[0, j:], parts[1, j:], parts[2, j:], heads, n, t,
                                                      span, *strides, float(scale), FINAL=split == 1, **meta)
@@ -500,9 +539,8 @@ def attn_entropy_backward(qs: list[torch.Tensor], ks: list[torch.Tensor], lse: t
     its <= 16 layers have taken their gradients, not only after the group's last one."""
     b, heads, n, hd = qs[0].shape
     t = ks[0].shape[2]
-    split, span, meta = _entropy_plan(qs, ks)
+    split, span, strides, meta = _entropy_plan(qs, ks)
     lse, ent, w = lse.contiguous().view(len(qs), -1), ent.contiguous().view(len(qs), -1), w.float().contiguous()
-    strides = (*qs[0].stride()[:3], *ks[0].stride()[:3])
     dqs, dks = [], []
     for j, count, args in _launches(qs, ks):
         dq = qs[0].new_empty(count, b, n, heads, hd)
