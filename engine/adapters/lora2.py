@@ -456,7 +456,7 @@ class EntropyAttnProcessor:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
         if torch.is_grad_enabled():  # training only: nothing is kept while sampling
             if self.options["recompute"]:
-                self.store.append(torch.utils.checkpoint.checkpoint(token_entropy, q, k, attn.scale,
+                self.store.append(torch.utils.checkpoint.checkpoint(layer_entropy, q, k, attn.scale,
                                                                     use_reentrant=False))
             elif torch.compiler.is_compiling() or not self.options.get("batched", True):
                 self.store.append(token_entropy(q, k, attn.scale))
@@ -465,6 +465,14 @@ class EntropyAttnProcessor:
         out = out.transpose(1, 2).reshape(b, n, -1).to(q.dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+
+def layer_entropy(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """token_entropy of one layer, through the fused kernels where they take q and k (no score map even
+    transiently: what gradient checkpointing runs twice per layer), else the torch form."""
+    if triton_ops.fused_entropy_ok(q, k):
+        return GroupEntropy.apply(scale, 1, q, k)[0] / math.log(max(q.shape[-2], 2))
+    return token_entropy(q, k, scale)
 
 
 def _plain_cross_attention(module: nn.Module) -> bool:
