@@ -305,10 +305,11 @@ def _scores(qs: tuple[torch.Tensor, ...], ks: tuple[torch.Tensor, ...]) -> torch
     return out.view(-1, *out.shape[-2:])
 
 
-def _scores_grads(dz: torch.Tensor, qs: tuple[torch.Tensor, ...], ks: tuple[torch.Tensor, ...]):
-    """Gradients of the _scores layout for dz (L * B * h, T, N): dq = dz^T k and dk = dz q per layer, written in
-    the (B, S, h * hd) layout of the projections they flow back into (no copies on the way), returned as
-    q- and k-shaped views."""
+def _scores_grads(dz: torch.Tensor, qs: tuple[torch.Tensor, ...], ks: tuple[torch.Tensor, ...], w: torch.Tensor):
+    """Gradients of the _scores layout for w_l dz (dz (L * B * h, T, N), w (L,)): dq = w_l dz^T k and dk = w_l dz q
+    per layer, written in the (B, S, h * hd) layout of the projections they flow back into (no copies on the way),
+    returned as q- and k-shaped views. w multiplies the products, not dz: w dz (~1e-12 at LoRA²'s lambda_e) would
+    flush to zero in fp16."""
     b, h, n, hd = qs[0].shape
     t = ks[0].shape[2]
     dz = dz.view(len(qs), b, h, t, n)
@@ -318,7 +319,8 @@ def _scores_grads(dz: torch.Tensor, qs: tuple[torch.Tensor, ...], ks: tuple[torc
         for j in range(b):
             torch.bmm(dz[i, j].transpose(1, 2), k[j], out=dq[i, j].transpose(0, 1))
             torch.bmm(dz[i, j], q[j], out=dk[i, j].transpose(0, 1))
-    return dq.transpose(2, 3).unbind(0), dk.transpose(2, 3).unbind(0)
+    w = w.view(-1, 1, 1, 1, 1)
+    return dq.mul_(w).transpose(2, 3).unbind(0), dk.mul_(w).transpose(2, 3).unbind(0)
 
 
 def _log_maps(qs, ks, scale: float) -> torch.Tensor:
@@ -335,7 +337,9 @@ def _fused(fn, qs, ks, *args):
     could not compile or get their resources on this GPU: triton_ops.fused_failed warns and retires them)."""
     try:
         return fn(qs, ks, *args)
-    except Exception as e:  # noqa: BLE001 - any failure: the score-buffer path computes the same
+    except torch.OutOfMemoryError:
+        raise  # not these sizes' fault (and the score-buffer path needs more memory, not less)
+    except Exception as e:  # noqa: BLE001 - a compile, resource or launch failure: the score-buffer path instead
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise  # the trainer falls back to eager steps, which come back here
         triton_ops.fused_failed(qs[0], ks[0], e)
@@ -386,21 +390,21 @@ class GroupEntropy(torch.autograd.Function):
             rows = ent.numel() // n  # each layer's value is the mean over its rows; z = scale k q^T
             if lse is not None:  # Triton kernels
                 w = g.float() * (-ctx.scale / rows)
-                if ctx.fused:  # dz formed tile by tile and used at once, dq and dk in the projections' layout
-                    out = _fused(triton_ops.attn_entropy_backward, qs, ks, lse, ent, w, ctx.scale)
+                if ctx.fused and not triton_ops.fused_retired(qs[0], ks[0]):  # dz formed tile by tile, used at
+                    out = _fused(triton_ops.attn_entropy_backward, qs, ks, lse, ent, w, ctx.scale)  # once
                     if out is not None:
                         return None, None, *(d.transpose(1, 2) for d in out[0]), *(d.transpose(1, 2) for d in out[1])
-                z = _scores(qs, ks)  # the kernel turns the recomputed scores into dz in place, one pass
+                z = _scores(qs, ks)  # the kernel turns the recomputed scores into p (log p + H) in place, one pass
                 if ctx.fused:  # the fused backward failed: lse and H of these (rounded) scores, so p sums to 1
                     ent, lse = triton_ops.row_entropy(z, ctx.scale)
-                dz = triton_ops.row_entropy_backward_(z, lse, ent, w, ctx.scale)
+                dz = triton_ops.row_entropy_backward_(z, lse, ent, torch.ones_like(w), ctx.scale)
             else:
                 logp = _log_maps(qs, ks, ctx.scale)
-                w = (g.to(logp.dtype) * (-ctx.scale / rows)).view(n, 1, 1, 1)  # per layer, its (M, T, N) block
-                dz = logp.exp().mul_(logp.add_(ent[..., None])).view(n, -1, *logp.shape[1:]).mul_(w)
+                w = g.to(logp.dtype) * (-ctx.scale / rows)
+                dz = logp.exp().mul_(logp.add_(ent[..., None]))
                 del logp
-                dz = dz.to(qs[0].dtype).view(-1, *dz.shape[2:])  # (L * M, T, N)
-            dq, dk = _scores_grads(dz, qs, ks)
+                dz = dz.to(qs[0].dtype)  # (L * M, T, N)
+            dq, dk = _scores_grads(dz, qs, ks, w)
         return None, None, *dq, *dk
 
 
@@ -434,9 +438,11 @@ class EntropyAttnProcessor:
 
     It records (q, k, scale) and the set computes all layers' entropies after the forward in one batched op per
     shape group (batched_token_entropies). With options["recompute"] (set while the model uses gradient
-    checkpointing) each layer's entropy is computed here and its (B, h, T, N) maps are recomputed in the backward
-    rather than kept: the entropy leaves the checkpointed block through the store, and holding q and k for a
-    batched pass would keep what checkpointing frees. Under torch.compile it is computed inline too (fused there).
+    checkpointing) each layer's entropy is computed here, since holding q and k for a batched pass would keep what
+    checkpointing frees: through the fused kernels where they take q and k (they keep no map; the checkpointed
+    block recomputes q and k), else in the torch form under its own checkpoint, so that its (B, h, T, N) maps are
+    recomputed in the backward rather than kept. The entropy leaves the checkpointed block through the store. Under
+    torch.compile it is computed inline too, in the torch form (fused there).
     """
 
     def __init__(self, store: list, options: dict | None = None):
@@ -455,10 +461,13 @@ class EntropyAttnProcessor:
             mask = attn.prepare_attention_mask(attention_mask, k.shape[2], b).view(b, h, -1, k.shape[2])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
         if torch.is_grad_enabled():  # training only: nothing is kept while sampling
-            if self.options["recompute"]:
-                self.store.append(torch.utils.checkpoint.checkpoint(layer_entropy, q, k, attn.scale,
+            compiling = torch.compiler.is_compiling()
+            if self.options["recompute"] and not compiling and triton_ops.fused_entropy_ok(q, k):
+                self.store.append(fused_layer_entropy(q, k, attn.scale))  # keeps no map: nothing to recompute
+            elif self.options["recompute"]:
+                self.store.append(torch.utils.checkpoint.checkpoint(token_entropy, q, k, attn.scale,
                                                                     use_reentrant=False))
-            elif torch.compiler.is_compiling() or not self.options.get("batched", True):
+            elif compiling or not self.options.get("batched", True):
                 self.store.append(token_entropy(q, k, attn.scale))
             else:
                 self.store.append((q, k, attn.scale))
@@ -467,12 +476,10 @@ class EntropyAttnProcessor:
         return attn.to_out[1](out)
 
 
-def layer_entropy(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """token_entropy of one layer, through the fused kernels where they take q and k (no score map even
-    transiently: what gradient checkpointing runs twice per layer), else the torch form."""
-    if triton_ops.fused_entropy_ok(q, k):
-        return GroupEntropy.apply(scale, 1, q, k)[0] / math.log(max(q.shape[-2], 2))
-    return token_entropy(q, k, scale)
+def fused_layer_entropy(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """token_entropy of one layer through the fused kernels (triton_ops.fused_entropy_ok): no score map, not even
+    transiently, and nothing kept but q, k and one value per row (a checkpointed block recomputes q and k)."""
+    return GroupEntropy.apply(scale, 1, q, k)[0] / math.log(max(q.shape[-2], 2))
 
 
 def _plain_cross_attention(module: nn.Module) -> bool:

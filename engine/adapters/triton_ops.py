@@ -222,7 +222,7 @@ def adamw_slots(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
 
 
 _TABLES: dict[tuple, tuple] = {}  # pointer tables by (device, pointers): made once, reused every step
-_CAPTURED: dict[tuple, tuple] = {}  # tables made inside a CUDA graph capture: never dropped (see _table)
+_KEPT: list[tuple] = []  # tables a CUDA graph capture made or used: never freed (see _table)
 
 
 def _capturing() -> bool:
@@ -233,15 +233,11 @@ def _table(ptrs: list[int], device: torch.device) -> torch.Tensor:
     """The int64 device tensor of these pointers, made once per pointer list. A new one is copied from pinned
     memory without a host sync (eager steps whose activations or gradients move get new tables). A table that a
     CUDA graph capture makes or uses is kept for good, with its pinned source: every replay repeats the copy from
-    that host memory and reads the device table. Outside a capture only eager-made tables are used: the device
-    copy of a table made inside a capture exists only once the graph has been replayed."""
+    that host memory and reads the device table. One made inside a capture is never handed out again: its device
+    copy exists only once that graph has replayed, which a failed capture never does."""
     key = (device, tuple(ptrs))
     capturing = _capturing()
-    entry = _CAPTURED.get(key) if capturing else None
-    if entry is None:
-        entry = _TABLES.get(key)
-        if entry is not None and capturing:
-            _CAPTURED[key] = entry  # the graph reads it: a later clear of _TABLES must not free it
+    entry = _TABLES.get(key)
     if entry is None:
         if len(_TABLES) > 256:  # pointers of tensors long gone (a new optimizer, a reloaded run)
             _TABLES.clear()
@@ -251,7 +247,10 @@ def _table(ptrs: list[int], device: torch.device) -> torch.Tensor:
             entry = (host.to(device, non_blocking=True), host)  # the pinned source outlives the copy
         else:
             entry = (host.to(device), host)
-        (_CAPTURED if capturing else _TABLES)[key] = entry
+        if not capturing:
+            _TABLES[key] = entry
+    if capturing:
+        _KEPT.append(entry)  # the graph reads it: a later clear of _TABLES must not free it
     return entry[0]
 
 
@@ -326,7 +325,12 @@ def fused_entropy_ok(q: torch.Tensor, k: torch.Tensor) -> bool:
     at these sizes (fused_failed)."""
     return (FUSED_ENTROPY and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
             and q.shape[-1] <= 128 and k.shape[-2] <= 256 and q.stride(-1) == 1 and k.stride(-1) == 1
-            and _fused_key(q, k) not in _FUSED_FAILED and usable(q))
+            and not fused_retired(q, k) and usable(q))
+
+
+def fused_retired(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether a fused launch at these sizes has already failed (fused_failed)."""
+    return _fused_key(q, k) in _FUSED_FAILED
 
 
 def fused_failed(q: torch.Tensor, k: torch.Tensor, error: Exception) -> None:
@@ -369,11 +373,11 @@ if triton is not None:
         them back tells the compiler that rows start on VEC-element boundaries (16-byte loads for VEC = 8)."""
         b = (bh // heads).to(tl.int64)
         h = (bh % heads).to(tl.int64)
-        q = q + b * (sqb * VEC) + h * (sqh * VEC)
-        k = k + b * (skb * VEC) + h * (skh * VEC)
+        q = q + b * (sqb.to(tl.int64) * VEC) + h * (sqh.to(tl.int64) * VEC)
+        k = k + b * (skb.to(tl.int64) * VEC) + h * (skh.to(tl.int64) * VEC)
         rt = tl.arange(0, BLOCK_T)
         rd = tl.arange(0, BLOCK_D)
-        kb = tl.load(k + rt[:, None].to(tl.int64) * (skt * VEC) + rd[None, :],
+        kb = tl.load(k + rt[:, None].to(tl.int64) * (skt.to(tl.int64) * VEC) + rd[None, :],
                      mask=(rt[:, None] < T) & (rd[None, :] < HD), other=0.0)
         return q, kb
 
@@ -404,7 +408,7 @@ if triton is not None:
         for n0 in tl.range(start, end, BLOCK_N):
             cols = n0 + rn
             inside = cols < end
-            qt = tl.load(q + cols[:, None].to(tl.int64) * (sqn * VEC) + rd[None, :],
+            qt = tl.load(q + cols[:, None].to(tl.int64) * (sqn.to(tl.int64) * VEC) + rd[None, :],
                          mask=inside[:, None] & (rd[None, :] < HD), other=0.0)
             z = tl.dot(kb, tl.trans(qt)) * scale  # (BLOCK_T, BLOCK_N)
             z = tl.where(inside[None, :], z, float("-inf"))
@@ -465,7 +469,7 @@ if triton is not None:
             cols = n0 + rn
             inside = cols < end
             tile = inside[:, None] & d_ok[None, :]
-            qt = tl.load(q + cols[:, None].to(tl.int64) * (sqn * VEC) + rd[None, :], mask=tile, other=0.0)
+            qt = tl.load(q + cols[:, None].to(tl.int64) * (sqn.to(tl.int64) * VEC) + rd[None, :], mask=tile, other=0.0)
             logp = tl.dot(kb, tl.trans(qt)) * scale - lse[:, None]
             g = tl.exp(logp) * (logp + ent[:, None])
             g = tl.where(row_ok[:, None] & inside[None, :], g, 0.0).to(dtype)
@@ -494,7 +498,8 @@ def _entropy_plan(qs, ks) -> tuple[int, int, tuple, dict]:
     programs = min(len(qs), ENTROPY_LAYERS) * b * heads
     split = max(1, min(tiles, triton.cdiv(2 * _SMS[dev], programs)))
     span = triton.cdiv(tiles, split) * block_n
-    strides = (*qs[0].stride()[:3], *ks[0].stride()[:3])  # sqb, sqh, sqn, skb, skh, skt
+    strides = tuple(0 if size == 1 else st for t in (qs[0], ks[0])  # sqb, sqh, sqn, skb, skh, skt; a size-1
+                    for size, st in zip(t.shape[:3], t.stride()[:3], strict=True))  # axis is only read at 0
     vec = 8 if all(x % 8 == 0 for x in strides) else 1
     meta = dict(HD=hd, VEC=vec, BLOCK_T=max(16, triton.next_power_of_2(ks[0].shape[2])), BLOCK_N=block_n,
                 BLOCK_D=block_d, num_warps=8)  # bench/compile_kernels.py: 8 warps spill no registers on sm_90, 4 did
