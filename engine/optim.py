@@ -26,7 +26,8 @@ def _unhooked(step):
 class SlotAdamW(torch.optim.AdamW):
     """torch.optim.AdamW plus `slots`: {param: (bool mask (R,), axis)} where axis 0 = rows of the param are the
     slots, 1 = its columns; each mask must be a prefix (slots 0..D-1 active, as LoRA²'s are): the kernel updates
-    the first D = mask.sum() slots. `masked_step = False` turns the kernel off (the bench's ablation)."""
+    the first D = mask.sum() slots. `masked_step = False` turns the kernel off (the bench's ablation).
+    clip_grad_norm_(max_norm) before step() clips as torch does, the kernel's share inside the kernel."""
 
     def __init__(self, params, *, slots: dict | None = None, **kwargs):
         super().__init__(params, **kwargs)
@@ -34,6 +35,32 @@ class SlotAdamW(torch.optim.AdamW):
         self.masked_step = True
         self._lrs: dict[int, torch.Tensor] = {}  # per group: its lr on the device, when the group holds a float
         self._tables: dict[tuple, tuple] = {}  # the kernel's pointer tables of the last step, per shape
+        self._clip: tuple[torch.Tensor, set[int]] | None = None  # (coefficient, params it is left to the kernel)
+        self._grad_scale: torch.Tensor | None = None  # that coefficient during step(), for the kernel
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ over every parameter's gradient, with the multiply of the gradients the
+        kernel will take folded into the next step(): the kernel multiplies as it reads (LoRA² r64 on SDXL: ~0.7 GB
+        of gradients not read and written once more). The others are multiplied here, as torch does. Returns the
+        total norm; no host sync."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            self._clip = None
+            return torch.zeros(())
+        if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: what clip_grad_norm_ itself calls
+            total = torch.nn.utils.get_total_norm(grads, 2.0)
+        else:
+            norms = torch._foreach_norm(grads, 2.0)
+            total = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), 2.0)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch's own formula, its order of operations
+        kernel = ({id(p) for g in self.param_groups for p in g["params"] if self._eligible(g, p)}
+                  if self.masked_step else set())
+        rest = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None and id(p) not in kernel]
+        if rest:
+            torch._foreach_mul_(rest, coef.to(rest[0].device))
+        self._clip = (coef, kernel) if kernel else None
+        return total
 
     def _eligible(self, group: dict, p: torch.Tensor) -> bool:
         """Whether the kernel can take p: what it implements (no amsgrad, maximize, differentiable, GradScaler
@@ -51,13 +78,16 @@ class SlotAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
+        clip, self._clip = self._clip, None
         if not self.masked_step or not self.slots:
+            self._apply_clip(clip, ())
             return _unhooked(torch.optim.AdamW.step)(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         mine = [[p for p in g["params"] if self._eligible(g, p)] for g in self.param_groups]
+        self._grad_scale = self._apply_clip(clip, {id(p) for ps in mine for p in ps})
         hidden = [(p, p.grad) for ps in mine for p in ps]
         for p, _ in hidden:  # torch's AdamW skips a param without a gradient: it takes the others
             p.grad = None
@@ -69,7 +99,22 @@ class SlotAdamW(torch.optim.AdamW):
         for gi, (group, ps) in enumerate(zip(self.param_groups, mine, strict=True)):
             if ps:
                 self._masked_group(gi, group, ps)
+        self._grad_scale = None
         return loss
+
+    def _apply_clip(self, clip: tuple | None, kernel: set[int] | tuple) -> torch.Tensor | None:
+        """The coefficient for the kernel to multiply its gradients by, where it takes exactly the parameters
+        clip_grad_norm_ left to it (always, unless something changed between the two calls); otherwise those
+        gradients are multiplied here and the kernel gets None."""
+        if clip is None:
+            return None
+        coef, left = clip
+        if left == set(kernel):
+            return coef
+        late = [p.grad for g in self.param_groups for p in g["params"] if id(p) in left and p.grad is not None]
+        if late:
+            torch._foreach_mul_(late, coef.to(late[0].device))
+        return None
 
     def _masked_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:
         for p in params:
@@ -99,4 +144,4 @@ class SlotAdamW(torch.optim.AdamW):
             self._tables[(gi, shape, axis)] = triton_ops.adamw_slots(
                 ps, [p.grad for p in ps], [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts],
                 [s["step"] for s in sts], [self.slots[id(p)][0] for p in ps], axis, lr, float(beta1), float(beta2),
-                float(group["eps"]), float(group["weight_decay"]))
+                float(group["eps"]), float(group["weight_decay"]), grad_scale=self._grad_scale)

@@ -198,7 +198,11 @@ def _forward_backward(s: _Session, inputs: dict[str, torch.Tensor], scale: float
 def _update(s: _Session, cfg: TrainConfig) -> None:
     """Clip, AdamW step, zero the gradients (kept allocated under CUDA graphs), refresh the factors' copies."""
     if cfg.max_grad_norm > 0:
-        s.acc.clip_grad_norm_(s.adapters.parameters(), cfg.max_grad_norm)
+        inner = getattr(s.optimizer, "optimizer", s.optimizer)  # accelerate wraps it
+        if isinstance(inner, SlotAdamW) and inner.slots and s.acc.num_processes == 1:
+            inner.clip_grad_norm_(cfg.max_grad_norm)  # the same clip, LoRA²'s factors multiplied inside the kernel
+        else:
+            s.acc.clip_grad_norm_(s.adapters.parameters(), cfg.max_grad_norm)
     s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=s.graphed is None)
     s.adapters.refresh_shadows()  # bf16 copies of A and B for the next forward, one foreach copy for all layers

@@ -787,6 +787,76 @@ def test_slot_adamw_without_its_kernel_is_torch_adamw():
     assert not all(torch.equal(a, b) for a, b in zip(ref, ref2, strict=True))  # the loaded moments were used
 
 
+def _clipped_runs(device, slot_cls, steps=3, max_norm=0.005, before_step=None, fused=None):
+    """(reference, candidate): a tiny LoRA² model trained `steps` steps with torch.nn.utils.clip_grad_norm_ and
+    torch's AdamW, and the same with SlotAdamW.clip_grad_norm_ and SlotAdamW; -> their adapters, optimizers and the
+    total norms each clip returned."""
+    from engine.optim import SlotAdamW
+
+    out = []
+    for cls in (torch.optim.AdamW, slot_cls):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(96, 96) for _ in range(3)], nn.Linear(96, 64)).to(device)
+        ad = inject(model, make_config("lora2", rank=8, max_rank=24, targets="0,1,2,3", lambda_e=0.0))
+        groups = ad.param_groups(1e-2, weight_decay=0.05)
+        kw = fused or {}
+        opt = cls(groups, slots=ad.optimizer_slots(), **kw) if issubclass(cls, SlotAdamW) else cls(groups, **kw)
+        norms = []
+        for step in range(steps):
+            ad.before_step(step, opt, sync=True)
+            x = torch.randn(5, 96, generator=torch.Generator().manual_seed(step)).to(device)
+            (model(x).pow(2).mean() + ad.extra_loss()[0]).backward()
+            if isinstance(opt, SlotAdamW):
+                norms.append(opt.clip_grad_norm_(max_norm))
+                if before_step is not None:
+                    before_step(opt)
+            else:
+                norms.append(torch.nn.utils.clip_grad_norm_(list(ad.parameters()), max_norm))
+            opt.step()
+            opt.zero_grad()
+        out.append((ad, opt, torch.stack(norms).cpu()))
+    return out
+
+
+@pytest.mark.parametrize("max_norm", [0.005, 1e9])  # clipping every step, and never
+def test_slot_adamw_clip_without_its_kernel_is_torch_clip(max_norm):
+    """Where the kernel cannot run, SlotAdamW.clip_grad_norm_ then step() is torch's clip_grad_norm_ then AdamW: the
+    same norms (returned; summed in another order, so within rounding) and the same factors (bit for bit where
+    nothing is clipped)."""
+    from engine.optim import SlotAdamW
+
+    (a, _, na), (b, _, nb) = _clipped_runs("cpu", SlotAdamW, max_norm=max_norm)
+    assert torch.allclose(na, nb, rtol=1e-6, atol=0) and (bool((na > max_norm).all()) is (max_norm < 1))
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q) if max_norm > 1 else torch.allclose(p, q, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("late", [False, True])
+@pytest.mark.parametrize("kernel_device", _kernel_params(), indirect=True)
+def test_slot_adamw_clip_inside_its_kernel_equals_torch_clip(kernel_device, late, monkeypatch):
+    """SlotAdamW's clip leaves the multiply of LoRA²'s factors' gradients to the kernel (which gets the
+    coefficient) and gives torch's clip + AdamW: same norms, factors within the kernel test's tolerance. `late`:
+    the kernel is turned off between clip and step, and the gradients it was to multiply are multiplied then."""
+    from engine.adapters import triton_ops
+    from engine.optim import SlotAdamW
+
+    scales = []
+    real = triton_ops.adamw_slots
+    monkeypatch.setattr(triton_ops, "adamw_slots",
+                        lambda *a, grad_scale=None: scales.append(grad_scale) or real(*a, grad_scale=grad_scale))
+
+    def off(opt):
+        opt.masked_step = False
+
+    fused = {"fused": True, "capturable": True} if kernel_device == "cuda" else {}
+    (a, _, na), (b, _, nb) = _clipped_runs(kernel_device, SlotAdamW, before_step=off if late else None,
+                                           fused=fused)
+    assert torch.allclose(na, nb, rtol=1e-6) and bool((na > 0.005).all())  # every step clipped
+    assert (not scales) if late else (len(scales) == 3 * 3 and all(torch.is_tensor(x) for x in scales))
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-4), float((p - q).abs().max())
+
+
 @pytest.mark.parametrize("kernel_device", _kernel_params(), indirect=True)
 def test_slot_adamw_equals_torch_adamw(kernel_device, monkeypatch):
     """SlotAdamW updating only LoRA²'s active slots (Triton) gives torch's AdamW step: same factors, moments and
@@ -798,8 +868,8 @@ def test_slot_adamw_equals_torch_adamw(kernel_device, monkeypatch):
     fused = {"fused": True, "capturable": True} if kernel_device == "cuda" else {}
     launches = []
     real = triton_ops.adamw_slots
-    monkeypatch.setattr(triton_ops, "adamw_slots", lambda *a: (launches.append((tuple(a[0][0].shape), a[6])),
-                                                                real(*a))[1])
+    monkeypatch.setattr(triton_ops, "adamw_slots", lambda *a, **kw: (launches.append((tuple(a[0][0].shape), a[6])),
+                                                                      real(*a, **kw))[1])
 
     def build(cls):
         torch.manual_seed(0)
@@ -1255,3 +1325,33 @@ def test_triton_failure_falls_back_to_the_torch_form(monkeypatch):
     # each kernel once; the resize not on the run's generator (the fused entropy kernels are checked per size at
     # their first use: test_kernel_fused_entropy_failure_falls_back_to_the_row_kernels)
     assert calls[1:] == ["fwd", "bwd", ("resize", True), "adamw"]
+
+
+def test_trainer_update_clips_through_slot_adamw_when_it_has_slots(monkeypatch):
+    """The trainer's update hands the clip to SlotAdamW (one process, LoRA²'s slots) and to accelerate otherwise;
+    both give the same step."""
+    from types import SimpleNamespace
+
+    from engine import train as train_module
+    from engine.optim import SlotAdamW
+
+    calls = []
+    results = []
+    for route in ("slot", "accelerate"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 12), nn.Linear(12, 8))
+        ad = inject(model, make_config("lora2", rank=2, max_rank=6, targets="0,1", lambda_e=0.0))
+        opt = SlotAdamW(ad.param_groups(1e-2), slots=ad.optimizer_slots() if route == "slot" else None)
+        acc = SimpleNamespace(num_processes=1, clip_grad_norm_=lambda ps, n: calls.append("acc") or
+                              torch.nn.utils.clip_grad_norm_(list(ps), n))
+        real = opt.clip_grad_norm_
+        monkeypatch.setattr(opt, "clip_grad_norm_", lambda n, real=real: calls.append("slot") or real(n))
+        s = SimpleNamespace(acc=acc, optimizer=SimpleNamespace(optimizer=opt, step=opt.step, zero_grad=opt.zero_grad),
+                            adapters=ad, graphed=None)
+        ad.before_step(0, opt, sync=True)
+        (model(torch.randn(3, 16, generator=torch.Generator().manual_seed(1))).pow(2).mean() * 100).backward()
+        train_module._update(s, SimpleNamespace(max_grad_norm=1e-3))
+        results.append([p.detach().clone() for p in ad.parameters()])
+    assert calls == ["slot", "acc"]
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
