@@ -35,7 +35,7 @@ class SlotAdamW(torch.optim.AdamW):
         self.masked_step = True
         self._lrs: dict[int, torch.Tensor] = {}  # per group: its lr on the device, when the group holds a float
         self._tables: dict[tuple, tuple] = {}  # the kernel's pointer tables of the last step, per shape
-        self._clip: tuple[torch.Tensor, set[int]] | None = None  # (coefficient, params it is left to the kernel)
+        self._clip: tuple[torch.Tensor, dict] | None = None  # (coefficient, {id: grad version} left to the kernel)
         self._grad_scale: torch.Tensor | None = None  # that coefficient during step(), for the kernel
 
     @torch.no_grad()
@@ -44,9 +44,10 @@ class SlotAdamW(torch.optim.AdamW):
         kernel will take folded into the next step(): the kernel multiplies as it reads (LoRA² r64 on SDXL: ~0.7 GB
         of gradients not read and written once more). The others are multiplied here, as torch does. Returns the
         total norm; no host sync."""
+        self._apply_clip(self._clip, ())  # a clip not yet stepped: its multiply first, as torch would have done
+        self._clip = None
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
-            self._clip = None
             return torch.zeros(())
         if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: what clip_grad_norm_ itself calls
             total = torch.nn.utils.get_total_norm(grads, 2.0)
@@ -59,8 +60,14 @@ class SlotAdamW(torch.optim.AdamW):
         rest = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None and id(p) not in kernel]
         if rest:
             torch._foreach_mul_(rest, coef.to(rest[0].device))
-        self._clip = (coef, kernel) if kernel else None
+        if kernel:  # with the gradients' versions: a gradient changed before step() cannot take this coefficient
+            self._clip = (coef, {id(p): p.grad._version for g in self.param_groups for p in g["params"]
+                                 if id(p) in kernel})
         return total
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._clip = None  # a clip of gradients that are gone
+        super().zero_grad(set_to_none)
 
     def _eligible(self, group: dict, p: torch.Tensor) -> bool:
         """Whether the kernel can take p: what it implements (no amsgrad, maximize, differentiable, GradScaler
@@ -79,27 +86,31 @@ class SlotAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         clip, self._clip = self._clip, None
+        if not self.masked_step or not self.slots or closure is not None:  # a closure makes fresh gradients:
+            self._apply_clip(clip, ())  # the clip was of the old ones, as torch's would have been
+            clip = None
         if not self.masked_step or not self.slots:
-            self._apply_clip(clip, ())
             return _unhooked(torch.optim.AdamW.step)(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         mine = [[p for p in g["params"] if self._eligible(g, p)] for g in self.param_groups]
-        self._grad_scale = self._apply_clip(clip, {id(p) for ps in mine for p in ps})
-        hidden = [(p, p.grad) for ps in mine for p in ps]
-        for p, _ in hidden:  # torch's AdamW skips a param without a gradient: it takes the others
-            p.grad = None
         try:
-            _unhooked(torch.optim.AdamW.step)(self)
+            self._grad_scale = self._apply_clip(clip, {id(p) for ps in mine for p in ps})
+            hidden = [(p, p.grad) for ps in mine for p in ps]
+            for p, _ in hidden:  # torch's AdamW skips a param without a gradient: it takes the others
+                p.grad = None
+            try:
+                _unhooked(torch.optim.AdamW.step)(self)
+            finally:
+                for p, g in hidden:
+                    p.grad = g
+            for gi, (group, ps) in enumerate(zip(self.param_groups, mine, strict=True)):
+                if ps:
+                    self._masked_group(gi, group, ps)
         finally:
-            for p, g in hidden:
-                p.grad = g
-        for gi, (group, ps) in enumerate(zip(self.param_groups, mine, strict=True)):
-            if ps:
-                self._masked_group(gi, group, ps)
-        self._grad_scale = None
+            self._grad_scale = None
         return loss
 
     def _apply_clip(self, clip: tuple | None, kernel: set[int] | tuple) -> torch.Tensor | None:
@@ -109,11 +120,15 @@ class SlotAdamW(torch.optim.AdamW):
         if clip is None:
             return None
         coef, left = clip
-        if left == set(kernel):
+        params = [p for g in self.param_groups for p in g["params"] if id(p) in left and p.grad is not None]
+        changed = [p for p in params if p.grad._version != left[id(p)]]
+        if changed:  # torch would have multiplied the gradients as they were then; the new part is unclipped
+            raise RuntimeError(f"SlotAdamW: {len(changed)} gradients changed between clip_grad_norm_() and step() "
+                               "(a backward in between?); call clip_grad_norm_() right before step()")
+        if left.keys() == set(kernel):
             return coef
-        late = [p.grad for g in self.param_groups for p in g["params"] if id(p) in left and p.grad is not None]
-        if late:
-            torch._foreach_mul_(late, coef.to(late[0].device))
+        if params:
+            torch._foreach_mul_([p.grad for p in params], coef.to(params[0].device))
         return None
 
     def _masked_group(self, gi: int, group: dict, params: list[torch.Tensor]) -> None:

@@ -199,7 +199,8 @@ def _update(s: _Session, cfg: TrainConfig) -> None:
     """Clip, AdamW step, zero the gradients (kept allocated under CUDA graphs), refresh the factors' copies."""
     if cfg.max_grad_norm > 0:
         inner = getattr(s.optimizer, "optimizer", s.optimizer)  # accelerate wraps it
-        if isinstance(inner, SlotAdamW) and inner.slots and s.acc.num_processes == 1:
+        if (isinstance(inner, SlotAdamW) and inner.slots and s.acc.num_processes == 1
+                and getattr(s.acc, "sync_gradients", True)):  # a step follows: the pending multiply is used
             inner.clip_grad_norm_(cfg.max_grad_norm)  # the same clip, LoRA²'s factors multiplied inside the kernel
         else:
             s.acc.clip_grad_norm_(s.adapters.parameters(), cfg.max_grad_norm)

@@ -787,10 +787,10 @@ def test_slot_adamw_without_its_kernel_is_torch_adamw():
     assert not all(torch.equal(a, b) for a, b in zip(ref, ref2, strict=True))  # the loaded moments were used
 
 
-def _clipped_runs(device, slot_cls, steps=3, max_norm=0.005, before_step=None, fused=None):
+def _clipped_runs(device, slot_cls, steps=3, max_norm=0.005, before_step=None, fused=None, clips=None):
     """(reference, candidate): a tiny LoRA² model trained `steps` steps with torch.nn.utils.clip_grad_norm_ and
-    torch's AdamW, and the same with SlotAdamW.clip_grad_norm_ and SlotAdamW; -> their adapters, optimizers and the
-    total norms each clip returned."""
+    torch's AdamW, and the same with SlotAdamW.clip_grad_norm_ and SlotAdamW; clips: how many clips before each
+    step (default one); -> their adapters, optimizers and the total norms each clip returned."""
     from engine.optim import SlotAdamW
 
     out = []
@@ -806,16 +806,62 @@ def _clipped_runs(device, slot_cls, steps=3, max_norm=0.005, before_step=None, f
             ad.before_step(step, opt, sync=True)
             x = torch.randn(5, 96, generator=torch.Generator().manual_seed(step)).to(device)
             (model(x).pow(2).mean() + ad.extra_loss()[0]).backward()
-            if isinstance(opt, SlotAdamW):
-                norms.append(opt.clip_grad_norm_(max_norm))
-                if before_step is not None:
-                    before_step(opt)
-            else:
-                norms.append(torch.nn.utils.clip_grad_norm_(list(ad.parameters()), max_norm))
+            for _ in range(1 if clips is None else clips[step]):
+                if isinstance(opt, SlotAdamW):
+                    norms.append(opt.clip_grad_norm_(max_norm))
+                else:
+                    norms.append(torch.nn.utils.clip_grad_norm_(list(ad.parameters()), max_norm))
+            if isinstance(opt, SlotAdamW) and before_step is not None:
+                before_step(opt)
             opt.step()
-            opt.zero_grad()
+            for p in ad.parameters():  # not zero_grad(): step() alone must not leave a coefficient behind
+                p.grad = None
         out.append((ad, opt, torch.stack(norms).cpu()))
     return out
+
+
+@pytest.mark.parametrize("kernel_device", _kernel_params(), indirect=True)
+def test_slot_adamw_clip_in_any_rhythm_equals_torch_clip(kernel_device):
+    """Steps without a clip after clipped ones take no stale coefficient; two clips before one step multiply twice
+    (the second norm over the once-clipped gradients), as torch's would; a closure's fresh gradients are not
+    clipped; a gradient changed between clip and step is refused, not silently mis-scaled."""
+    from engine.optim import SlotAdamW
+
+    fused = {"fused": True, "capturable": True} if kernel_device == "cuda" else {}
+    (a, _, na), (b, _, nb) = _clipped_runs(kernel_device, SlotAdamW, steps=4, fused=fused, clips=(1, 0, 2, 0))
+    assert len(na) == len(nb) == 3 and torch.allclose(na, nb, rtol=1e-5) and bool((na[:2] > 0.005).all())
+    assert float(na[2]) == pytest.approx(0.005, rel=1e-3)  # the second clip of step 2 sees clipped gradients
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-4), float((p - q).abs().max())
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 16)).to(kernel_device)
+    ad = inject(model, make_config("lora2", rank=4, max_rank=8, targets="0,1", lambda_e=0.0))
+    opt = SlotAdamW(ad.param_groups(1e-2), slots=ad.optimizer_slots(), **fused)
+    ad.before_step(0, opt, sync=True)
+    x = torch.randn(4, 32, device=kernel_device)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    closure()
+    opt.clip_grad_norm_(1e-6)
+    fresh = [p.grad.clone() for p in ad.parameters()]  # what the closure will make again (same x, same params)
+    seen = []
+    real = opt._masked_group
+    opt._masked_group = lambda gi, group, ps: seen.append(opt._grad_scale) or real(gi, group, ps)
+    opt.step(closure)
+    assert all(s is None for s in seen)  # no coefficient on the closure's gradients
+    assert all(torch.equal(p.grad, f) for p, f in zip(ad.parameters(), fresh, strict=True))
+    closure()
+    opt.clip_grad_norm_(1e-6)
+    if opt._clip is not None:  # the kernel takes the factors (interpreter, GPU): their multiply is pending
+        model(x).pow(2).mean().backward()  # a backward between clip and step
+        with pytest.raises(RuntimeError, match="changed between clip_grad_norm_"):
+            opt.step()
 
 
 @pytest.mark.parametrize("max_norm", [0.005, 1e9])  # clipping every step, and never
