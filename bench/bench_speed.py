@@ -112,9 +112,10 @@ def floor_step(unet, inputs, autocast: bool, device: str, graphs: bool = False):
 
 
 def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None, graphs: bool = False,
-               clip: bool = False, rank_updates: bool | str = "sync-free", masked_adamw: bool = True):
+               clip: bool | str = False, rank_updates: bool | str = "sync-free", masked_adamw: bool = True):
     """One training step: forward, loss (+ the method's terms), backward, AdamW (clip and zeroed gradients as in
-    the trainer when `clip`); `rank_updates`: LoRA²'s per-step rank update as the trainer runs it ("sync-free"),
+    the trainer when `clip`: SlotAdamW's clip where it has slots, as the trainer; "torch": torch's clip_grad_norm_
+    always, an ablation); `rank_updates`: LoRA²'s per-step rank update as the trainer runs it ("sync-free"),
     with one host read a step (True), or skipped (False, an ablation); `masked_adamw`: LoRA²'s idle slots skipped
     by the optimizer as in the trainer (engine/optim.py), or stepped like every other (False, an ablation)."""
     x, t, c, kw = inputs
@@ -133,7 +134,9 @@ def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None,
             if extra is not None:
                 loss = loss + extra
         loss.backward()
-        if clip:
+        if clip and clip != "torch" and isinstance(opt, SlotAdamW) and opt.slots:
+            opt.clip_grad_norm_(1.0)  # the multiply of LoRA²'s factors' gradients inside the kernel
+        elif clip:
             torch.nn.utils.clip_grad_norm_(flat, 1.0)
         opt.step()
         if adapters is not None:
@@ -297,6 +300,8 @@ def ablation() -> list[tuple[str, dict]]:
             ("lora2 r64 graph, torch form (no Triton kernels)", dict(method="lora2", kernels=False,
                                                                      **{**g, "rank": 64})),
             ("lora2 r64 graph, no rank updates", dict(method="lora2", rank_updates=False, **{**g, "rank": 64})),
+            ("lora2 r64 graph + clip", dict(method="lora2", clip=True, **{**g, "rank": 64})),
+            ("lora2 r64 graph + torch's clip", dict(method="lora2", clip="torch", **{**g, "rank": 64})),
             ("lora2 r16 graph, no rank updates", dict(method="lora2", rank_updates=False, **g)),
             ("lora2 r16 graph, max_rank 16", dict(method="lora2", extra={"max_rank": 16}, **g)),
             ("lora2 r16 graph, none of these", dict(method="lora2", rank_updates=False,
