@@ -48,9 +48,10 @@ def cases() -> list[tuple[str, object, dict, dict, int, dict]]:
     for axis in (0, 1):
         out.append((f"adamw_slots axis={axis}", T._adamw_slots,
                     {**{n: "*i64" for n in ("p_tab", "g_tab", "m_tab", "v_tab", "step_tab", "mask_tab")},
-                     "lr_ptr": "*fp32", "gs_ptr": "*fp32", **{n: "fp32" for n in ("beta1", "beta2", "log_beta1", "log_beta2", "eps",
-                                                                 "wd")},
-                     "R": "i32", "Q": "i32", "numel": "i32"}, {"SLOT_AXIS": axis, "R_BLOCK": 128, "BLOCK": 1024}, 4,
+                     "lr_ptr": "*fp32", "gs_ptr": "*fp32",
+                     **{n: "fp32" for n in ("beta1", "beta2", "log_beta1", "log_beta2", "eps", "wd")},
+                     "R": "i32", "Q": "i32", "numel": "i32"},
+                    {"SLOT_AXIS": axis, "HAS_GS": True, "R_BLOCK": 128, "BLOCK": 1024}, 4,
                     {"R": 128, "Q": 640, "numel": 128 * 640}))
     for label, b, heads, n, hd, width in (("SDXL 64x64", 1, 10, 4096, 64, 640 + 32),
                                            ("SDXL 32x32", 1, 20, 1024, 64, 1280 + 128),

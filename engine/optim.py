@@ -34,7 +34,6 @@ class SlotAdamW(torch.optim.AdamW):
         self.slots = {id(p): v for p, v in (slots or {}).items()}
         self.masked_step = True
         self._lrs: dict[int, torch.Tensor] = {}  # per group: its lr on the device, when the group holds a float
-        self._tables: dict[tuple, tuple] = {}  # the kernel's pointer tables of the last step, per shape
         self._clip: tuple[torch.Tensor, dict] | None = None  # (coefficient, {id: grad version} left to the kernel)
         self._grad_scale: torch.Tensor | None = None  # that coefficient during step(), for the kernel
 
@@ -153,10 +152,9 @@ class SlotAdamW(torch.optim.AdamW):
         by_shape: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
             by_shape.setdefault((tuple(p.shape), self.slots[id(p)][1]), []).append(p)
-        for (shape, axis), ps in by_shape.items():
+        for (_, axis), ps in by_shape.items():
             sts = [self.state[p] for p in ps]
-            # the pointer tables it launched with stay referenced here: a captured graph replays them
-            self._tables[(gi, shape, axis)] = triton_ops.adamw_slots(
+            triton_ops.adamw_slots(
                 ps, [p.grad for p in ps], [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts],
                 [s["step"] for s in sts], [self.slots[id(p)][0] for p in ps], axis, lr, float(beta1), float(beta2),
                 float(group["eps"]), float(group["weight_decay"]), grad_scale=self._grad_scale)

@@ -1322,15 +1322,15 @@ def test_pointer_tables_a_graph_capture_makes_or_uses_are_never_dropped(monkeypa
     cpu = torch.device("cpu")
     monkeypatch.setattr(triton_ops, "_TABLES", {})
     monkeypatch.setattr(triton_ops, "_KEPT", [])
-    monkeypatch.setattr(triton_ops, "_capturing", lambda: False)
+    monkeypatch.setattr(triton_ops, "capturing", lambda: False)
     eager = triton_ops._table([1], cpu)
     assert triton_ops._table([1], cpu) is eager and not triton_ops._KEPT  # made once
-    monkeypatch.setattr(triton_ops, "_capturing", lambda: True)
+    monkeypatch.setattr(triton_ops, "capturing", lambda: True)
     captured = triton_ops._table([11, 12], cpu)
     assert captured.tolist() == [11, 12] and any(e[0] is captured for e in triton_ops._KEPT)
     assert triton_ops._table([1], cpu) is eager and any(e[0] is eager for e in triton_ops._KEPT)  # used: kept
     assert triton_ops._table([11, 12], cpu) is not captured  # a later capture makes its own
-    monkeypatch.setattr(triton_ops, "_capturing", lambda: False)
+    monkeypatch.setattr(triton_ops, "capturing", lambda: False)
     again = triton_ops._table([11, 12], cpu)
     assert again is not captured and triton_ops._table([11, 12], cpu) is again  # eager steps make their own
     for i in range(300):  # past the cache's bound: the eager tables are dropped, the kept ones stay referenced

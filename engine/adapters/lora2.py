@@ -340,7 +340,7 @@ def _fused(fn, qs, ks, *args):
     except torch.OutOfMemoryError:
         raise  # not these sizes' fault (and the score-buffer path needs more memory, not less)
     except Exception as e:  # noqa: BLE001 - a compile, resource or launch failure: the score-buffer path instead
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if triton_ops.capturing():
             raise  # the trainer falls back to eager steps, which come back here
         triton_ops.fused_failed(qs[0], ks[0], e)
         return None

@@ -164,11 +164,11 @@ if triton is not None:
 if triton is not None:
     @triton.jit
     def _adamw_slots(p_tab, g_tab, m_tab, v_tab, step_tab, mask_tab, lr_ptr, gs_ptr, beta1, beta2, log_beta1,
-                     log_beta2, eps, wd, R, Q, numel, SLOT_AXIS: tl.constexpr, R_BLOCK: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     log_beta2, eps, wd, R, Q, numel, SLOT_AXIS: tl.constexpr, HAS_GS: tl.constexpr,
+                     R_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
         """torch's AdamW (decoupled decay, bias corrections from the param's own step) on the active slots only of
         tensor i: rows j < D of an (R, Q) factor (SLOT_AXIS 0) or columns j < D of a (P, R) one (SLOT_AXIS 1), D
-        the count of its slot mask, with the gradient times gs (a gradient-norm clip's coefficient, else 1).
+        the count of its slot mask, with the gradient times gs if HAS_GS (a gradient-norm clip's coefficient).
         Program (i, b): elements [b BLOCK, (b + 1) BLOCK) of tensor i."""
         i = tl.program_id(0)
         start = tl.program_id(1) * BLOCK
@@ -190,7 +190,9 @@ if triton is not None:
             bc1 = 1.0 - tl.exp(step * log_beta1)
             bc2_sqrt = tl.sqrt_rn(1.0 - tl.exp(step * log_beta2))  # IEEE sqrt and division, as torch's
             x = tl.load(p + offs, mask=live, other=0.0)
-            gr = tl.load(g + offs, mask=live, other=0.0) * tl.load(gs_ptr)  # as clip_grad_norm_'s multiply
+            gr = tl.load(g + offs, mask=live, other=0.0)
+            if HAS_GS:
+                gr = gr * tl.load(gs_ptr)  # as clip_grad_norm_'s multiply
             ma = tl.load(m + offs, mask=live, other=0.0)
             va = tl.load(v + offs, mask=live, other=0.0)
             x = x - lr * wd * x  # the order of torch's fused AdamW
@@ -206,12 +208,12 @@ if triton is not None:
 def adamw_slots(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                 exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], masks: list[torch.Tensor], axis: int,
                 lr: torch.Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
-                grad_scale: torch.Tensor | None = None) -> tuple:
+                grad_scale: torch.Tensor | None = None) -> None:
     """One AdamW update (steps already incremented) of same-shape fp32 tensors, touching only their active slots
     (see _adamw_slots): a slot outside the mask has zero value, gradient and moments, where AdamW changes
     nothing. masks: bool (R,) each, prefixes (the first D slots active); lr: a 0-d fp32 device tensor; steps: 0-d
     fp32 device tensors; 0 < beta < 1; grad_scale: a 0-d fp32 device tensor the gradients are multiplied by (a
-    clip's coefficient), None for 1. Returns the pointer tables it launched with."""
+    clip's coefficient), None for none. A CUDA graph that captures it keeps its pointer tables (_table)."""
     n, dev = len(params), params[0].device
     shape = params[0].shape
     R = shape[axis]
@@ -219,29 +221,18 @@ def adamw_slots(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
     block = 1024
     tables = tuple(_table([t.data_ptr() for t in ts], dev) for ts in (params, grads, exp_avgs, exp_avg_sqs, steps,
                                                                         masks))
-    if grad_scale is None:
-        grad_scale = _ONES.get(dev)
-        if grad_scale is None:  # made in a capture, its value exists only once the graph has replayed: kept apart
-            grad_scale = torch.ones((), dtype=torch.float32, device=dev)
-            if _capturing():
-                _KEPT.append((grad_scale,))
-            else:
-                _ONES[dev] = grad_scale
     _adamw_slots[(n, triton.cdiv(numel, block))](
-        *tables, lr, grad_scale, float(beta1), float(beta2), math.log(beta1), math.log(beta2), float(eps),
-        float(weight_decay), R, shape[1], numel, SLOT_AXIS=axis, R_BLOCK=triton.next_power_of_2(R), BLOCK=block,
-        num_warps=4)
-    return tables
-
-
-_ONES: dict[torch.device, torch.Tensor] = {}  # adamw_slots' gradient scale when there is none
+        *tables, lr, lr if grad_scale is None else grad_scale, float(beta1), float(beta2), math.log(beta1),
+        math.log(beta2), float(eps), float(weight_decay), R, shape[1], numel, SLOT_AXIS=axis,
+        HAS_GS=grad_scale is not None, R_BLOCK=triton.next_power_of_2(R), BLOCK=block, num_warps=4)
 
 
 _TABLES: dict[tuple, tuple] = {}  # pointer tables by (device, pointers): made once, reused every step
 _KEPT: list[tuple] = []  # tables a CUDA graph capture made or used: never freed (see _table)
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
+    """Whether a CUDA graph capture is under way on the current stream (False without CUDA)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
@@ -252,7 +243,7 @@ def _table(ptrs: list[int], device: torch.device) -> torch.Tensor:
     that host memory and reads the device table. One made inside a capture is never handed out again: its device
     copy exists only once that graph has replayed, which a failed capture never does."""
     key = (device, tuple(ptrs))
-    capturing = _capturing()
+    in_capture = capturing()
     entry = _TABLES.get(key)
     if entry is None:
         if len(_TABLES) > 256:  # pointers of tensors long gone (a new optimizer, a reloaded run)
@@ -263,9 +254,9 @@ def _table(ptrs: list[int], device: torch.device) -> torch.Tensor:
             entry = (host.to(device, non_blocking=True), host)  # the pinned source outlives the copy
         else:
             entry = (host.to(device), host)
-        if not capturing:
+        if not in_capture:
             _TABLES[key] = entry
-    if capturing:
+    if in_capture:
         _KEPT.append(entry)  # the graph reads it: a later clear of _TABLES must not free it
     return entry[0]
 
