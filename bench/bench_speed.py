@@ -181,12 +181,14 @@ def graphed(core, before):
 def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, rank=16, method=None, mode="bf16",
              checkpointing=False, fused=True, graphs=False, results=None, extra=None, op="chain", clip=False,
              rank_updates: bool | str = "sync-free", grads_in_place: bool = True, batched_entropy: bool = True,
-             kernels: bool = True, stacked: bool = True, masked_adamw: bool = True, fused_entropy: bool = True):
+             kernels: bool = True, stacked: bool = True, masked_adamw: bool = True, fused_entropy: bool = True,
+             fold_kernels: bool = True):
     from engine.adapters import fused as fused_module
     from engine.adapters import triton_ops
 
     triton_ops.ENABLED = kernels  # LoRA²'s Triton kernels (entropy, resize) or their torch form; restored
     triton_ops.FUSED_ENTROPY = fused_entropy  # False: the entropy's scores through a buffer and row kernels
+    triton_ops.FOLD_KERNELS = fold_kernels  # False: s B diag(v) (TriLoRA, LoRA²) in torch's stack-multiply-cast
 
     fused_module.FORWARD = op  # the fused op's form (see engine/adapters/fused.py); restored below
     try:
@@ -225,7 +227,7 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
         sec, peak = time_steps(step, device, warmup, steps, reset_peak=not graphs)
     finally:
         fused_module.FORWARD = "chain"
-        triton_ops.ENABLED = triton_ops.FUSED_ENTROPY = True
+        triton_ops.ENABLED = triton_ops.FUSED_ENTROPY = triton_ops.FOLD_KERNELS = True
     row = {"name": name, "arch": arch, "batch": batch, "kind": kind, "method": method or kind, "rank": rank,
            "mode": mode + (" graph" if graphs else ""), "checkpointing": checkpointing, "fused": fused,
            "step_s": sec, "peak_gib": peak}
@@ -285,6 +287,7 @@ def ablation() -> list[tuple[str, dict]]:
             ("lora r64 graph, projections not stacked", dict(method="lora", stacked=False, **{**g, "rank": 64})),
             ("tri_lora r16 graph", dict(method="tri_lora", **g)),
             ("tri_lora r64 graph", dict(method="tri_lora", **{**g, "rank": 64})),
+            ("tri_lora r64 graph, fold in torch", dict(method="tri_lora", fold_kernels=False, **{**g, "rank": 64})),
             ("lora2 r16 graph", dict(method="lora2", **g)),
             ("lora2 r16 graph, torch form (no Triton kernels)", dict(method="lora2", kernels=False, **g)),
             ("lora2 r16 graph, no entropy", dict(method="lora2", extra={"lambda_e": 0.0}, **g)),
@@ -293,6 +296,8 @@ def ablation() -> list[tuple[str, dict]]:
             ("lora2 r64 graph, entropy through a score buffer", dict(method="lora2", fused_entropy=False,
                                                                       **{**g, "rank": 64})),
             ("lora2 r64 graph", dict(method="lora2", **{**g, "rank": 64})),
+            ("lora2 r64 graph, fold in torch", dict(method="lora2", fold_kernels=False, **{**g, "rank": 64})),
+            ("lora2 r16 graph, fold in torch", dict(method="lora2", fold_kernels=False, **g)),
             ("lora2 r16 graph, projections not stacked", dict(method="lora2", stacked=False, **g)),
             ("lora2 r16 graph, AdamW on every slot", dict(method="lora2", masked_adamw=False, **g)),
             ("lora2 r64 graph, AdamW on every slot", dict(method="lora2", masked_adamw=False, **{**g, "rank": 64})),

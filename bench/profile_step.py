@@ -38,9 +38,10 @@ def make_case(case: str, arch: str, batch: int, rank: int = 16):
     from engine.adapters import triton_ops
 
     method = case
-    for suffix in ("_unfused", "_noent", "_nostack", "_scorebuf"):
+    for suffix in ("_unfused", "_noent", "_nostack", "_scorebuf", "_torchfold"):
         method = method.replace(suffix, "")
     triton_ops.FUSED_ENTROPY = not case.endswith("_scorebuf")  # LoRA²'s entropy through a score buffer
+    triton_ops.FOLD_KERNELS = not case.endswith("_torchfold")  # s B diag(v) in torch's stack-multiply-cast
     extra = {"max_rank": 2 * rank} if method == "lora2" else {}
     if case.endswith("_noent"):  # LoRA² without its cross-attention entropy term
         extra["lambda_e"] = 0.0

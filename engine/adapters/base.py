@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import analysis
+from engine.adapters import triton_ops
 from engine.adapters.fused import lowrank_linear
 
 TARGET_PRESETS = {
@@ -336,7 +337,10 @@ class FoldVectors(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scale, dtype, n, in_place, *tensors):
         ups, vecs = tensors[:n], tensors[n:]
-        out = (torch.stack(ups) * (torch.stack(vecs) * scale)[:, None, :]).to(dtype)
+        if triton_ops.fold_ok(ups, vecs):  # CUDA: one pass over the B_i, straight into the compute dtype
+            out = triton_ops.fold_vectors(ups, torch.stack(vecs), scale, dtype)
+        else:
+            out = (torch.stack(ups) * (torch.stack(vecs) * scale)[:, None, :]).to(dtype)
         ctx.save_for_backward(*tensors)
         ctx.scale, ctx.n = scale, n
         ctx.into = [bool(in_place) and all(t.is_leaf and t.requires_grad for t in part) for part in (ups, vecs)]
@@ -348,17 +352,48 @@ class FoldVectors(torch.autograd.Function):
         tensors = ctx.saved_tensors
         n, s = ctx.n, ctx.scale
         ups, vecs = tensors[:n], tensors[n:]
+        need_up, need_vec = any(ctx.needs_input_grad[4:4 + n]), any(ctx.needs_input_grad[4 + n:])
+        if triton_ops.fold_ok(ups, vecs):
+            return None, None, None, None, *_fold_backward_kernel(ctx, g, ups, vecs, need_up, need_vec)
         g = g.to(ups[0].dtype)
         grad_ups = grad_vecs = (None,) * n
-        if any(ctx.needs_input_grad[4:4 + n]):
+        if need_up:
             grad_ups = (g * (torch.stack(vecs).to(g.dtype) * s)[:, None, :]).unbind(0)
             if ctx.into[0]:
                 grad_ups = add_into_grads(ups, grad_ups)
-        if any(ctx.needs_input_grad[4 + n:]):
+        if need_vec:
             grad_vecs = ((g * torch.stack(ups)).sum(1) * s).to(vecs[0].dtype).unbind(0)
             if ctx.into[1]:
                 grad_vecs = add_into_grads(vecs, grad_vecs)
         return None, None, None, None, *grad_ups, *grad_vecs
+
+
+def _fold_backward_kernel(ctx, g, ups, vecs, need_up: bool, need_vec: bool) -> list:
+    """FoldVectors' backward through triton_ops.fold_vectors_backward (one launch): B's gradients go straight into
+    their .grad when they take them in place and all are there (the trainer's steps); when none is there yet,
+    each .grad becomes its slice of the kernel's fresh buffer (no copy)."""
+    n = len(ups)
+    grads = [p.grad for p in ups]
+    into = None
+    if need_up and ctx.into[0] and all(x is not None and x.dtype == torch.float32 and x.is_contiguous()
+                                       and x.shape == ups[0].shape for x in grads) and triton_ops.aligned(grads):
+        into = grads
+    gup, gvec = triton_ops.fold_vectors_backward(g, ups, torch.stack(vecs), ctx.scale, need_up, need_vec, into)
+    grad_ups = grad_vecs = (None,) * n
+    if gup is not None:
+        grad_ups = gup.unbind(0)
+        if ctx.into[0]:
+            if all(x is None for x in grads):
+                for p, x in zip(ups, grad_ups, strict=True):
+                    p.grad = x
+                grad_ups = (None,) * n
+            else:
+                grad_ups = add_into_grads(ups, grad_ups)
+    if gvec is not None:
+        grad_vecs = gvec.to(vecs[0].dtype).unbind(0)
+        if ctx.into[1]:
+            grad_vecs = add_into_grads(vecs, grad_vecs)
+    return [*grad_ups, *grad_vecs]
 
 
 def add_into_grads(params, grads) -> tuple[None, ...]:

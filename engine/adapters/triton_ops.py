@@ -1,4 +1,4 @@
-"""Triton kernels for LoRA²'s hot spots, which torch runs as many full memory passes (CUDA only).
+"""Triton kernels for LoRA²'s hot spots (and TriLoRA's fold), which torch runs as many full memory passes (CUDA only).
 
 - Row entropy of softmax(z) over the last dimension, and its gradient, each in one pass over z: the torch form
   (log_softmax to fp32, exp, multiply, sum; in the backward four more passes) moved ~10 GB a step at SDXL 1024 px.
@@ -7,6 +7,10 @@
   pointers. The torch form stacks and rewrites every factor and moment of the group (~9 GB a step at SDXL r16).
 - AdamW on the active slots only (engine/optim.py's SlotAdamW): the idle half of LoRA²'s 2r-wide buffers is
   neither read nor written; torch's fused AdamW is the torch form.
+- s B diag(v) of a shape group (TriLoRA's and LoRA²'s fold, base.FoldVectors) in one pass from the fp32 factors to
+  the compute dtype, and its gradients in one more (B's added into .grad): the torch form stacks B, multiplies
+  and casts (forward), and in the backward casts, multiplies, stacks again and adds (~1.6 ms of kernels a step in
+  the stop-16 eager profile of LoRA² r64 on SDXL).
 
 Every kernel has a torch equivalent in the caller, used on the CPU, without Triton, and for float64 (the tests);
 `ENABLED = False` forces the torch form everywhere (the bench's ablation). The GPU tests check kernel = torch form.
@@ -53,6 +57,8 @@ def _works_on(device: torch.device) -> bool:
                 one = torch.ones((), device=device)
                 adamw_slots([a], [a.clone()], [a.clone()], [a.clone()], [one], [ranks < 2], 0, one, 0.9, 0.999,
                             1e-8, 0.0)
+                v = torch.ones(1, 2, device=device)
+                fold_vectors_backward(fold_vectors([b], v, 1.0, torch.bfloat16), [b], v, 1.0, True, True, [b.clone()])
                 ok = True
             except Exception as e:  # noqa: BLE001 - any compile or launch failure means: use the torch form
                 warnings.warn(f"Triton kernels unavailable on {device} ({type(e).__name__}: {str(e)[:200]}); "
@@ -562,3 +568,115 @@ def attn_entropy_backward(qs: list[torch.Tensor], ks: list[torch.Tensor], lse: t
         dqs.extend(dq.unbind(0))
         dks.extend((dk[:, 0] if split == 1 else dk.sum(1)).to(qs[0].dtype).unbind(0))
     return dqs, dks
+
+
+# --- s B diag(v) of a shape group (base.FoldVectors), forward and backward -----------------------------------
+FOLD_KERNELS = True  # False: FoldVectors' torch form (stack, multiply, cast; the bench's ablation)
+FOLD_TILE = 4096  # elements per program: rows of B times the rank (rounded up to a power of two)
+
+
+def fold_ok(ups: list[torch.Tensor], vecs: list[torch.Tensor]) -> bool:
+    """Whether fold_vectors can take these: n same-shape contiguous 16-byte aligned fp32 (D, R) factors and fp32
+    (R,) vectors on a device the kernels run on, R <= 1024, outside torch.compile (the tables hold addresses)."""
+    up = ups[0]
+    return (FOLD_KERNELS and not torch.compiler.is_compiling() and up.dtype == torch.float32 and up.dim() == 2
+            and up.shape[1] <= 1024 and up.numel() < 2 ** 31
+            and all(u.is_contiguous() and u.shape == up.shape for u in ups)
+            and all(v.dtype == torch.float32 and v.shape == up.shape[1:] for v in vecs) and usable(up)
+            and aligned(ups))
+
+
+def aligned(ts: list[torch.Tensor]) -> bool:
+    """Whether every tensor starts on a 16-byte boundary (fresh allocations do; a view at an offset may not)."""
+    return all(t.data_ptr() % 16 == 0 for t in ts)
+
+
+def _offsets(ts: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """Device table of each tensor's start as an offset in elements from base's (same element size; see _table)."""
+    size = base.element_size()
+    return _table([(t.data_ptr() - base.data_ptr()) // size for t in ts], base.device)
+
+
+def _fold_meta(shape: torch.Size) -> tuple[int, dict]:
+    d, r = shape
+    r_block = triton.next_power_of_2(r)
+    block_d = max(1, min(triton.next_power_of_2(d), FOLD_TILE // r_block))
+    return triton.cdiv(d, block_d), dict(BLOCK_D=block_d, R_BLOCK=r_block, num_warps=8)
+
+
+if triton is not None:
+    @triton.jit
+    def _fold_fwd(up_ptr, up_tab, vec_ptr, out_ptr, scale, D, R, LOW: tl.constexpr, BLOCK_D: tl.constexpr,
+                  R_BLOCK: tl.constexpr):
+        """out[i] = B_i * (v_i * scale) in out's dtype (rounded to nearest even, as torch's .to()). Program (i, b):
+        rows [b BLOCK_D, (b + 1) BLOCK_D) of layer i's fp32 (D, R) factor B_i = up_ptr + up_tab[i] (an offset in
+        elements from the first layer's: a multiple of 4, which Triton can see, unlike a pointer read from a
+        table); v: (n, R) fp32; out: (n, D, R)."""
+        i = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        cols = tl.arange(0, R_BLOCK)
+        v = tl.load(vec_ptr + i * R + cols, mask=cols < R, other=0.0) * scale
+        inside = (rows[:, None] < D) & (cols[None, :] < R)
+        at = rows[:, None] * R + cols[None, :]  # int32: one factor has < 2^31 elements (fold_ok)
+        up = up_ptr + tl.multiple_of(tl.load(up_tab + i), 4)  # 16-byte aligned rows: 16-byte loads
+        y = tl.load(up + at, mask=inside, other=0.0) * v[None, :]
+        dst = out_ptr + i.to(tl.int64) * D * R + at
+        if LOW:
+            tl.store(dst, y.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=inside)
+        else:
+            tl.store(dst, y, mask=inside)
+
+    @triton.jit
+    def _fold_bwd(g_ptr, up_ptr, up_tab, vec_ptr, gup_tab, gup_ptr, part_ptr, scale, D, R, UP: tl.constexpr,
+                  INTO: tl.constexpr, VEC: tl.constexpr, BLOCK_D: tl.constexpr, R_BLOCK: tl.constexpr):
+        """From g = dL/d out (n, D, R), for the rows of program (i, b): if UP, g * (v_i * scale) for B_i, added
+        into the (D, R) fp32 tensor at up_ptr + gup_tab[i] (INTO) or stored in gup (n, D, R) fp32; if VEC, the
+        column sums of g * B_i over these rows into part (n, blocks, R), which the caller sums and scales."""
+        i = tl.program_id(0)
+        blk = tl.program_id(1)
+        rows = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+        cols = tl.arange(0, R_BLOCK)
+        inside = (rows[:, None] < D) & (cols[None, :] < R)
+        at = rows[:, None] * R + cols[None, :]
+        off = i.to(tl.int64) * D * R
+        g = tl.load(g_ptr + off + at, mask=inside, other=0.0).to(tl.float32)
+        if UP:
+            gu = g * (tl.load(vec_ptr + i * R + cols, mask=cols < R, other=0.0) * scale)[None, :]
+            if INTO:
+                dst = up_ptr + tl.multiple_of(tl.load(gup_tab + i), 4)
+                tl.store(dst + at, tl.load(dst + at, mask=inside, other=0.0) + gu, mask=inside)
+            else:
+                tl.store(gup_ptr + off + at, gu, mask=inside)
+        if VEC:
+            up = up_ptr + tl.multiple_of(tl.load(up_tab + i), 4)
+            part = tl.sum(g * tl.load(up + at, mask=inside, other=0.0), axis=0)
+            tl.store(part_ptr + (i * tl.num_programs(1) + blk).to(tl.int64) * R + cols, part, mask=cols < R)
+
+
+def fold_vectors(ups: list[torch.Tensor], vecs: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """(n, D, R) tensor in dtype of B_i * (v_i * scale), one launch (see fold_ok); vecs: (n, R) fp32. The torch form
+    (stack, multiply, cast) makes three full passes over the group's B and two fp32 copies of it."""
+    n, (d, r), dev = len(ups), ups[0].shape, ups[0].device
+    blocks, meta = _fold_meta(ups[0].shape)
+    out = torch.empty(n, d, r, device=dev, dtype=dtype)
+    _fold_fwd[(n, blocks)](ups[0], _offsets(ups, ups[0]), vecs.contiguous(), out, float(scale), d, r,
+                           LOW=dtype != torch.float32, **meta)
+    return out
+
+
+def fold_vectors_backward(g: torch.Tensor, ups: list[torch.Tensor], vecs: torch.Tensor, scale: float,
+                          need_up: bool, need_vec: bool, into: list[torch.Tensor] | None = None
+                          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """fold_vectors' backward in one launch, from g (n, D, R) (any float dtype): (gradient of the B_i as one (n, D,
+    R) fp32 tensor, or None when added into `into` (each B_i's fp32 .grad, in place) or not needed; gradient of
+    the v_i (n, R) fp32, or None). Same products as the torch form; only the sums over D run in another order."""
+    n, (d, r), dev = len(ups), ups[0].shape, ups[0].device
+    blocks, meta = _fold_meta(ups[0].shape)
+    g = g.contiguous()
+    gup = torch.empty(n, d, r, device=dev, dtype=torch.float32) if need_up and into is None else None
+    part = torch.empty(n, blocks, r, device=dev, dtype=torch.float32) if need_vec else None
+    tab = _offsets(ups, ups[0])
+    _fold_bwd[(n, blocks)](g, ups[0], tab, vecs.contiguous(), _offsets(into, ups[0]) if into is not None else tab,
+                           gup if gup is not None else g, part if part is not None else g, float(scale), d, r,
+                           UP=need_up, INTO=into is not None, VEC=need_vec, **meta)
+    return gup, None if part is None else part.sum(1) * scale
