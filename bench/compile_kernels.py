@@ -59,11 +59,11 @@ def cases() -> list[tuple[str, object, dict, dict, int, dict]]:
         out.append((f"fold_fwd D={d} R={r} {out_ty[1:]}", T._fold_fwd,
                     {"up_ptr": "*fp32", "up_tab": "*i64", "vec_ptr": "*fp32", "out_ptr": out_ty, "scale": "fp32",
                      "D": "i32", "R": "i32"}, {**meta, "LOW": out_ty != "*fp32"}, warps, {"D": d, "R": r}))
-        for into in (True, False):
-            out.append((f"fold_bwd D={d} R={r} into={into}", T._fold_bwd,
+        for into, accum in ((True, True), (True, False), (False, True)):
+            out.append((f"fold_bwd D={d} R={r} into={into}" + ", add" * (into and accum), T._fold_bwd,
                         {"g_ptr": out_ty, "up_ptr": "*fp32", "up_tab": "*i64", "vec_ptr": "*fp32", "gup_tab": "*i64",
                          "gup_ptr": "*fp32", "part_ptr": "*fp32", "scale": "fp32", "D": "i32", "R": "i32"},
-                        {**meta, "UP": True, "INTO": into, "VEC": True}, warps, {"D": d, "R": r}))
+                        {**meta, "UP": True, "INTO": into, "ACCUM": accum, "VEC": True}, warps, {"D": d, "R": r}))
     for label, b, heads, n, hd, width in (("SDXL 64x64", 1, 10, 4096, 64, 640 + 32),
                                            ("SDXL 32x32", 1, 20, 1024, 64, 1280 + 128),
                                            ("SD1.5 64x64", 4, 8, 4096, 40, 320 + 32),

@@ -1346,8 +1346,8 @@ def test_pointer_tables_a_graph_capture_makes_or_uses_are_never_dropped(monkeypa
 def test_kernel_fold_equals_the_torch_form(kernel_device, out_dtype, monkeypatch):
     """FoldVectors through the fold kernels gives the torch form's s B diag(v) and gradients, for a group with more
     rows than one program takes and a rank that is not a power of two: B's gradient added into the .grad already
-    there (the same tensors, in place), given fresh where none is, or returned to autograd; v's gradient (column
-    sums, in another order) close."""
+    there (the same tensors, in place), written into new tensors of their own where none is, or returned to
+    autograd; v's gradient (column sums, in another order) close."""
     from engine.adapters import triton_ops
     from engine.adapters.base import FoldVectors
 
@@ -1376,6 +1376,8 @@ def test_kernel_fold_equals_the_torch_form(kernel_device, out_dtype, monkeypatch
             assert out.dtype == out_dtype and out.shape == (n, d, r)
             (out.float() * w).sum().backward()
             assert all(a is b for a, b in zip(held, [t.grad for t in ups], strict=False))  # in place
+            if mode == "in place, no grads":  # a tensor of its own each, as autograd gives
+                assert len({t.grad.untyped_storage().data_ptr() for t in ups}) == n
             got[enabled, mode] = (out.detach().float(), torch.stack([t.grad for t in ups]),
                                   torch.stack([t.grad for t in vecs]))
     assert calls.count("fold_vectors") == 3 and calls.count("fold_vectors_backward") == 3

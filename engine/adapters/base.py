@@ -369,26 +369,29 @@ class FoldVectors(torch.autograd.Function):
 
 
 def _fold_backward_kernel(ctx, g, ups, vecs, need_up: bool, need_vec: bool) -> list:
-    """FoldVectors' backward through triton_ops.fold_vectors_backward (one launch): B's gradients go straight into
-    their .grad when they take them in place and all are there (the trainer's steps); when none is there yet,
-    each .grad becomes its slice of the kernel's fresh buffer (no copy)."""
+    """FoldVectors' backward through triton_ops.fold_vectors_backward (one launch). B's gradients that go into
+    .grad (in_place) are written there by the kernel: added when every B has one it can take (the trainer's
+    steps), stored into new tensors that become the .grad when none has one yet (an eager step after
+    zero_grad(set_to_none=True)), else added by add_into_grads."""
     n = len(ups)
     grads = [p.grad for p in ups]
-    into = None
-    if need_up and ctx.into[0] and all(x is not None and x.dtype == torch.float32 and x.is_contiguous()
-                                       and x.shape == ups[0].shape for x in grads) and triton_ops.aligned(grads):
-        into = grads
-    gup, gvec = triton_ops.fold_vectors_backward(g, ups, torch.stack(vecs), ctx.scale, need_up, need_vec, into)
+    into, accumulate = None, True
+    if need_up and ctx.into[0]:
+        if all(x is None for x in grads):
+            into, accumulate = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in ups], False
+        elif all(x is not None and x.dtype == torch.float32 and x.is_contiguous() and x.shape == ups[0].shape
+                 for x in grads) and triton_ops.aligned(grads):
+            into = grads
+    gup, gvec = triton_ops.fold_vectors_backward(g, ups, torch.stack(vecs), ctx.scale, need_up, need_vec, into,
+                                                 accumulate)
+    if into is not None and not accumulate:
+        for p, x in zip(ups, into, strict=True):
+            p.grad = x
     grad_ups = grad_vecs = (None,) * n
     if gup is not None:
         grad_ups = gup.unbind(0)
         if ctx.into[0]:
-            if all(x is None for x in grads):
-                for p, x in zip(ups, grad_ups, strict=True):
-                    p.grad = x
-                grad_ups = (None,) * n
-            else:
-                grad_ups = add_into_grads(ups, grad_ups)
+            grad_ups = add_into_grads(ups, grad_ups)
     if gvec is not None:
         grad_vecs = gvec.to(vecs[0].dtype).unbind(0)
         if ctx.into[1]:

@@ -579,9 +579,10 @@ def fold_ok(ups: list[torch.Tensor], vecs: list[torch.Tensor]) -> bool:
     """Whether fold_vectors can take these: n same-shape contiguous 16-byte aligned fp32 (D, R) factors and fp32
     (R,) vectors on a device the kernels run on, R <= 1024, outside torch.compile (the tables hold addresses)."""
     up = ups[0]
-    return (FOLD_KERNELS and not torch.compiler.is_compiling() and up.dtype == torch.float32 and up.dim() == 2
+    return (FOLD_KERNELS and not torch.compiler.is_compiling() and up.dim() == 2
             and up.shape[1] <= 1024 and up.numel() < 2 ** 31
-            and all(u.is_contiguous() and u.shape == up.shape for u in ups)
+            and all(u.dtype == torch.float32 and u.device == up.device and u.is_contiguous() and u.shape == up.shape
+                    for u in ups)
             and all(v.dtype == torch.float32 and v.shape == up.shape[1:] for v in vecs) and usable(up)
             and aligned(ups))
 
@@ -628,10 +629,12 @@ if triton is not None:
 
     @triton.jit
     def _fold_bwd(g_ptr, up_ptr, up_tab, vec_ptr, gup_tab, gup_ptr, part_ptr, scale, D, R, UP: tl.constexpr,
-                  INTO: tl.constexpr, VEC: tl.constexpr, BLOCK_D: tl.constexpr, R_BLOCK: tl.constexpr):
-        """From g = dL/d out (n, D, R), for the rows of program (i, b): if UP, g * (v_i * scale) for B_i, added
-        into the (D, R) fp32 tensor at up_ptr + gup_tab[i] (INTO) or stored in gup (n, D, R) fp32; if VEC, the
-        column sums of g * B_i over these rows into part (n, blocks, R), which the caller sums and scales."""
+                  INTO: tl.constexpr, ACCUM: tl.constexpr, VEC: tl.constexpr, BLOCK_D: tl.constexpr,
+                  R_BLOCK: tl.constexpr):
+        """From g = dL/d out (n, D, R), for the rows of program (i, b): if UP, g * (v_i * scale) for B_i, into
+        the (D, R) fp32 tensor at up_ptr + gup_tab[i] (INTO: added if ACCUM, else stored) or stored in gup (n, D,
+        R) fp32; if VEC, the column sums of g * B_i over these rows into part (n, blocks, R), which the caller
+        sums and scales."""
         i = tl.program_id(0)
         blk = tl.program_id(1)
         rows = blk * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -644,7 +647,9 @@ if triton is not None:
             gu = g * (tl.load(vec_ptr + i * R + cols, mask=cols < R, other=0.0) * scale)[None, :]
             if INTO:
                 dst = up_ptr + tl.multiple_of(tl.load(gup_tab + i), 4)
-                tl.store(dst + at, tl.load(dst + at, mask=inside, other=0.0) + gu, mask=inside)
+                if ACCUM:
+                    gu += tl.load(dst + at, mask=inside, other=0.0)
+                tl.store(dst + at, gu, mask=inside)
             else:
                 tl.store(gup_ptr + off + at, gu, mask=inside)
         if VEC:
@@ -665,11 +670,12 @@ def fold_vectors(ups: list[torch.Tensor], vecs: torch.Tensor, scale: float, dtyp
 
 
 def fold_vectors_backward(g: torch.Tensor, ups: list[torch.Tensor], vecs: torch.Tensor, scale: float,
-                          need_up: bool, need_vec: bool, into: list[torch.Tensor] | None = None
-                          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                          need_up: bool, need_vec: bool, into: list[torch.Tensor] | None = None,
+                          accumulate: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """fold_vectors' backward in one launch, from g (n, D, R) (any float dtype): (gradient of the B_i as one (n, D,
-    R) fp32 tensor, or None when added into `into` (each B_i's fp32 .grad, in place) or not needed; gradient of
-    the v_i (n, R) fp32, or None). Same products as the torch form; only the sums over D run in another order."""
+    R) fp32 tensor, or None when written into `into` (one 16-byte aligned contiguous fp32 (D, R) tensor per B_i:
+    their .grad, added to if `accumulate`, else overwritten) or not needed; gradient of the v_i (n, R) fp32, or
+    None). Same products as the torch form; only the sums over D run in another order."""
     n, (d, r), dev = len(ups), ups[0].shape, ups[0].device
     blocks, meta = _fold_meta(ups[0].shape)
     g = g.contiguous()
@@ -678,5 +684,5 @@ def fold_vectors_backward(g: torch.Tensor, ups: list[torch.Tensor], vecs: torch.
     tab = _offsets(ups, ups[0])
     _fold_bwd[(n, blocks)](g, ups[0], tab, vecs.contiguous(), _offsets(into, ups[0]) if into is not None else tab,
                            gup if gup is not None else g, part if part is not None else g, float(scale), d, r,
-                           UP=need_up, INTO=into is not None, VEC=need_vec, **meta)
+                           UP=need_up, INTO=into is not None, ACCUM=accumulate, VEC=need_vec, **meta)
     return gup, None if part is None else part.sum(1) * scale
