@@ -1438,10 +1438,12 @@ def test_triton_failure_falls_back_to_the_torch_form(monkeypatch):
     monkeypatch.setattr(triton_ops, "row_entropy_backward_", lambda *a: calls.append("bwd"))
     monkeypatch.setattr(triton_ops, "resize_slots", lambda *a, seed=None: calls.append(("resize", seed is not None)))
     monkeypatch.setattr(triton_ops, "adamw_slots", lambda *a: calls.append("adamw"))
+    monkeypatch.setattr(triton_ops, "fold_vectors", lambda *a: calls.append("fold"))
+    monkeypatch.setattr(triton_ops, "fold_vectors_backward", lambda *a: calls.append("fold bwd"))
     assert triton_ops.usable(FakeCuda()) is True and triton_ops.usable(FakeCuda()) is True
     # each kernel once; the resize not on the run's generator (the fused entropy kernels are checked per size at
     # their first use: test_kernel_fused_entropy_failure_falls_back_to_the_row_kernels)
-    assert calls[1:] == ["fwd", "bwd", ("resize", True), "adamw"]
+    assert calls[1:] == ["fwd", "bwd", ("resize", True), "adamw", "fold", "fold bwd"]
 
 
 def test_trainer_update_clips_through_slot_adamw_when_it_has_slots(monkeypatch):
