@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU figure of the speed work, results under $OUT:
 #   OUT=bench/results/$(date +%Y%m%d) bash bench/gpu_all.sh [tests|bench|trainer|all]
-# tests   (~4 min): the Triton kernels built for this GPU's architecture (bench/compile_kernels.py),
-#                   bench/capture_check.py (one graph per method, seconds), then the gpu-marked tests (graph vs
-#                   eager trainer for every method, no host syncs, real architectures, fused op, batched entropy)
+# tests   (~5 min): the Triton kernels built for this GPU's architecture (bench/compile_kernels.py),
+#                   bench/capture_check.py (one graph per method, seconds), then the gpu-marked tests: the
+#                   kernels' first, then the rest (graph vs eager trainer for every method, no host syncs, real
+#                   architectures, fused op, batched entropy)
 # bench   (~4 min): bench_speed under CUDA graphs (floor, PEFT r16/r64, every method r16/r64, SD1.5 and SDXL, SVD
 #                   timings), then the LoRA² ablation on SDXL
 # trainer (~4 min): the real trainer under CUDA graphs x the frozen floor timed in the same process, and a
@@ -17,10 +18,14 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1
 if [[ $PART == tests || $PART == all ]]; then
   timeout 60 python bench/compile_kernels.py --out "$OUT/kernels.json" | tail -1  # ptxas: registers, spills
-  timeout 150 python bench/capture_check.py > "$OUT/capture_check.txt" 2>&1  # seconds: does every method capture?
+  timeout 120 python bench/capture_check.py > "$OUT/capture_check.txt" 2>&1  # seconds: does every method capture?
   cat "$OUT/capture_check.txt" | grep -E "captured|FAILED"
-  timeout 300 python -m pytest -q -p no:cacheprovider -W ignore tests -m gpu > "$OUT/pytest_gpu.txt" 2>&1
-  tail -15 "$OUT/pytest_gpu.txt"
+  # the Triton kernels first (kernel = torch form, fused entropy, fold, SlotAdamW), then every other gpu test
+  K="kernel or fold or entropy or slot"
+  timeout 100 python -m pytest -q -p no:cacheprovider -W ignore tests -m gpu -k "$K" > "$OUT/pytest_kernels.txt" 2>&1
+  tail -8 "$OUT/pytest_kernels.txt"
+  timeout 270 python -m pytest -q -p no:cacheprovider -W ignore tests -m gpu -k "not ($K)" > "$OUT/pytest_gpu.txt" 2>&1
+  tail -12 "$OUT/pytest_gpu.txt"
 fi
 if [[ $PART == bench || $PART == all ]]; then
   timeout 240 python bench/bench_speed.py --only-graphs --arch sd15 sdxl --out "$OUT/speed" | grep -E "^\||layers|entropy"
