@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.adapters import inject, make_config, method_names  # noqa: E402
 from engine.optim import SlotAdamW  # noqa: E402
 
-SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=768, attention_head_dim=8)
@@ -60,7 +61,8 @@ def make_inputs(unet, arch: str, batch: int, device: str, dtype: torch.dtype):
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(batch, cfg.in_channels, size, size, device=device, dtype=dtype, generator=g)
     t = torch.randint(0, 1000, (batch,), device=device, generator=g)
-    c = torch.randn(batch, 77 if arch != "mini" else 16, cfg.cross_attention_dim, device=device, dtype=dtype, generator=g)
+    c = torch.randn(batch, 77 if arch != "mini" else 16, cfg.cross_attention_dim, device=device, dtype=dtype,
+                    generator=g)
     kw = {}
     if cfg.addition_embed_type == "text_time":
         kw["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, device=device, dtype=dtype, generator=g),
@@ -75,8 +77,9 @@ def sync(device: str) -> None:
 
 def time_steps(step, device: str, warmup: int, steps: int, reset_peak: bool = True) -> tuple[float, float]:
     """Median seconds per step after warm-up (on CUDA: between events recorded after each step, with no host wait
-    in between, so a step's host work overlaps the GPU work queued before it, as in the trainer), and peak memory in GiB (CUDA only; reset after the warm-up unless
-    `reset_peak` is False: a replayed CUDA graph allocates nothing, its peak was reached when it was captured)."""
+    in between, so a step's host work overlaps the GPU work queued before it, as in the trainer), and peak memory
+    in GiB (CUDA only; reset after the warm-up unless `reset_peak` is False: a replayed CUDA graph allocates
+    nothing, its peak was reached when it was captured)."""
     for _ in range(warmup):
         step()
     sync(device)
@@ -381,7 +384,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="rank 16 only, no checkpointing variants")
-    ap.add_argument("--graphs", action="store_true", help="also time every case with the step captured in a CUDA graph")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time every case with the step captured in a CUDA graph")
     ap.add_argument("--only-graphs", action="store_true")
     ap.add_argument("--ablation", action="store_true", help="only the LoRA² ablation cases (see ablation())")
     ap.add_argument("--match", nargs="+", default=None, help="only the cases whose name contains one of these")
@@ -409,8 +413,8 @@ def main(argv=None) -> int:
                 kw = {**kw, "mode": "fp32"}
                 name = name.replace("bf16", "fp32")
             try:
-                run_case(name, lambda arch=arch: build_unet(arch, device, dtype), arch, batch, device, dtype, warmup, steps,
-                         results=results, **kw)
+                run_case(name, lambda arch=arch: build_unet(arch, device, dtype), arch, batch, device, dtype, warmup,
+                         steps, results=results, **kw)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # report and go on with the other cases
                 print(json.dumps({"name": name, "arch": arch, "error": str(e)[:200]}), flush=True)
         if device == "cuda" and arch in ("sdxl", "sd15") and not args.ablation:

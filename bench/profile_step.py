@@ -1,4 +1,5 @@
-"""Profile one training step (torch profiler): kernel count, GPU-busy time vs wall time, top ops; finds launch-bound cost.
+"""Profile one training step (torch profiler): kernel count, GPU-busy time vs wall time, top ops; finds launch-bound
+cost.
 
 python bench/profile_step.py --arch sd15 --cases floor,lora,lora_unfused,peft --out bench/results
 """
@@ -90,7 +91,8 @@ def main(argv=None) -> int:
             acc[0] += e.device_time / 3 / 1e3
             acc[1] += 1 / 3
         (out / f"kernels_{args.arch}_r{args.rank}_{case}.json").write_text(json.dumps(per_kernel, indent=0))
-        row = f"{case}: wall {wall * 1e3:.1f} ms/step, GPU busy {busy * 1e3:.1f} ms, kernels/step {len(kernels) / 3:.0f}"
+        row = (f"{case}: wall {wall * 1e3:.1f} ms/step, GPU busy {busy * 1e3:.1f} ms, "
+               f"kernels/step {len(kernels) / 3:.0f}")
         print(row, flush=True)
         print(table[:3000], flush=True)
         summary.append(row)

@@ -44,7 +44,8 @@ def main(argv=None) -> int:
         events: list = []
         t0 = time.time()
         cfg = TrainConfig(dataset=data, base_model=model, method=args.method, rank=4, steps=args.steps, lr=1e-3,
-                          rank_every=0, step_mode=mode, mixed_precision=args.precision, output_dir=str(root / f"{i}-{mode}"),
+                          rank_every=0, step_mode=mode, mixed_precision=args.precision,
+                          output_dir=str(root / f"{i}-{mode}"),
                           method_settings=json.loads(args.settings))
         train(cfg, emit=events.append)
         losses[i] = np.array([m["loss"] for m in RunFolder(root / f"{i}-{mode}").metrics()])

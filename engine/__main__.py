@@ -203,7 +203,8 @@ def _prune_options(p: argparse.ArgumentParser, need_out: bool = True) -> None:
     p.add_argument("source", help="a run folder, or a LoRA .safetensors file (kohya or diffusers)")
     p.add_argument("--out", required=need_out, help="file to write (.safetensors)")
     p.add_argument("--format", choices=("kohya", "diffusers"), default="kohya",
-                   help="kohya = A1111/ComfyUI/kohya keys; diffusers = pipe.load_lora_weights/PEFT keys (default: kohya)")
+                   help="kohya = A1111/ComfyUI/kohya keys; diffusers = pipe.load_lora_weights/PEFT keys "
+                        "(default: kohya)")
     p.add_argument("--tau", type=float, help="fraction of each layer's energy to keep (e.g. 0.9)")
     p.add_argument("--rank", type=int, help="one fixed rank for every layer")
     p.add_argument("--cap", type=int, help="upper bound on every layer's rank")

@@ -1,4 +1,5 @@
-"""Pure torch maths for rank analysis: batched cheap SVD of low-rank updates, effective rank, rank choice, truncation."""
+"""Pure torch maths for rank analysis: batched cheap SVD of low-rank updates, effective rank, rank choice,
+truncation."""
 from __future__ import annotations
 
 from collections import defaultdict

@@ -75,7 +75,8 @@ def scan_dataset(folder: str | Path, trigger: str = "", *, min_side: int = 8) ->
     scan = imgs.scan_folder(root, recursive=table is not None)
     report = DatasetReport(root, captions_from=caps.METADATA_FILE if table is not None else "txt")
     report.problems.update({p.relative_to(root).as_posix(): why for p, why in scan.skipped.items()})
-    report.problems.update({p.relative_to(root).as_posix(): f"duplicate of {q.name}" for p, q in scan.duplicates.items()})
+    report.problems.update({p.relative_to(root).as_posix(): f"duplicate of {q.name}"
+                            for p, q in scan.duplicates.items()})
     for path in scan.images:
         name = path.relative_to(root).as_posix()
         try:

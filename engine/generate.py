@@ -55,7 +55,8 @@ def _module_names(unet) -> list[str]:
 
 
 class merged_lora:
-    """Context manager: add strength * up @ down of a LoRA file into the UNet's weights; restore them exactly on exit."""
+    """Context manager: add strength * up @ down of a LoRA file into the UNet's weights; restore them exactly on
+    exit."""
 
     def __init__(self, unet, source: str | os.PathLike, strength: float = 1.0):
         from engine.export import load_lora_file
@@ -66,7 +67,8 @@ class merged_lora:
         self.factors = {n: f for n, f in lora.factors.items() if n in modules}
         self.skipped = sorted(set(lora.factors) - set(self.factors))
         if not self.factors:
-            raise ValueError(f"{Path(source).name}: none of its layers belong to this model's UNet (wrong base model?)")
+            raise ValueError(f"{Path(source).name}: none of its layers belong to this model's UNet "
+                             "(wrong base model?)")
         self.saved: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()

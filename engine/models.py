@@ -1,4 +1,5 @@
-"""Load base pipelines (bundled mini-SD, SD1.x/2.x, SDXL) from a hub id, a local folder or a single safetensors file."""
+"""Load base pipelines (bundled mini-SD, SD1.x/2.x, SDXL) from a hub id, a local folder or a single safetensors
+file."""
 from __future__ import annotations
 
 import json

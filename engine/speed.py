@@ -1,4 +1,5 @@
-"""Optional speed-ups for training: torch.compile of the UNet's blocks with adapters in place, with a clean fallback."""
+"""Optional speed-ups for training: torch.compile of the UNet's blocks with adapters in place, with a clean
+fallback."""
 from __future__ import annotations
 
 import logging

@@ -266,7 +266,8 @@ def _graph_fallback(s: _Session, log: _Log, error: Exception) -> None:
 class _Log:
     """Sends events to the callback and appends them to the run folder (main process only)."""
 
-    FILES: ClassVar[dict] = {ev.Step: runs.METRICS, ev.Ranks: runs.RANKS, ev.Restart: runs.RANKS, ev.RankChange: runs.RANKS}
+    FILES: ClassVar[dict] = {ev.Step: runs.METRICS, ev.Ranks: runs.RANKS, ev.Restart: runs.RANKS,
+                             ev.RankChange: runs.RANKS}
 
     def __init__(self, run: runs.RunFolder, emit: Emit | None, main: bool):
         self.run, self.emit, self.main = run, emit, main

@@ -61,8 +61,8 @@ class TrainConfig:
     step_mode: str = _opt("auto", "How each step runs on the GPU: cuda_graph captures the step once per image shape "
                           "and replays it (fewest kernel launches, fastest); compile uses torch.compile on the UNet's "
                           "blocks; eager runs op by op; auto = cuda_graph where it can run (one CUDA GPU, bf16 or "
-                          "no mixed precision), else eager. cuda_graph also compiles LoRA²'s entropy term (torch.compile, a few "
-                          "seconds once). A mode that cannot run falls back to eager with a notice.",
+                          "no mixed precision), else eager. A mode that cannot run falls back to eager with a "
+                          "notice.",
                           choices=STEP_MODES, group="run")
     sample_every: int = _opt(0, "Write sample images every N steps (0 = only at the end when prompts are set).",
                              min=0, group="samples")

@@ -293,7 +293,8 @@ class Engine(MediaMixin):
         elif job.state == "running":
             line = "running · " + (eta_text(job.info, "running") if job.info.get("total") else job.message)
             if job.info.get("notice") or job.info.get("mode", "eager") != "eager":  # the fast path, or why not
-                line += f" · steps: {job.info['mode']}" + (f" ({job.info['notice']})" if job.info.get("notice") else "")
+                notice = job.info.get("notice")
+                line += f" · steps: {job.info['mode']}" + (f" ({notice})" if notice else "")
         elif job.state == "failed":
             line = f"failed: {job.error}"
         else:

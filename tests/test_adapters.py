@@ -65,7 +65,7 @@ def test_merged_equals_unmerged_and_remove_restores(method):
         y_again = unet(x, t, c).sample
     assert (y_unmerged - y_merged).abs().max() < 1e-5
     assert (y_unmerged - y_again).abs().max() < 1e-5
-    for name, layer in adapters.layers.items():
+    for layer in adapters.layers.values():
         assert torch.allclose(layer.delta_weight(), layer.factors()[0] @ layer.factors()[1])
     model = adapters.remove()
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())

@@ -7,7 +7,7 @@ import torch
 from helpers import make_image_folder, tiny_pipeline
 from PIL import Image
 
-from engine.data import (DatasetError, build_cache, make_buckets, nearest_bucket, require_usable, scan_dataset)
+from engine.data import DatasetError, build_cache, make_buckets, nearest_bucket, require_usable, scan_dataset
 
 
 def test_txt_captions_and_trigger(tmp_path):

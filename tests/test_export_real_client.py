@@ -18,7 +18,8 @@ def randomise(adapters, seed: int = 1, scale: float = 1.0) -> None:
     with torch.no_grad():
         for p in adapters.parameters():
             if p.dim() > 0:
-                p.copy_(torch.randn(p.shape, generator=g) * scale / max(p.shape[-1], 1) ** 0.5 * (2 if adapters.method == "lora2" else 1))
+                boost = 2 if adapters.method == "lora2" else 1
+                p.copy_(torch.randn(p.shape, generator=g) * scale / max(p.shape[-1], 1) ** 0.5 * boost)
 
 
 @pytest.fixture(scope="module", params=["sd1", "sdxl"])

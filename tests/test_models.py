@@ -6,8 +6,15 @@ import torch
 from helpers import save_tiny_pipeline
 from safetensors.torch import save_file
 
-from engine.models import (ModelLoadError, family_of_file, load_pipeline, model_family, native_resolution,
-                           resolve_spec, size_multiple)
+from engine.models import (
+    ModelLoadError,
+    family_of_file,
+    load_pipeline,
+    model_family,
+    native_resolution,
+    resolve_spec,
+    size_multiple,
+)
 
 
 @pytest.mark.parametrize("name", ["model.ckpt", "model.bin", "weights.pt", "x.pth"])

@@ -154,9 +154,9 @@ def _lora2_drift(model, dataset, out, **settings) -> tuple[float, int]:
     cfg = config(model, dataset, out, method="lora2", rank=8, steps=8, lr=1e-2, rank_every=0,
                  method_settings={"max_rank": 16, "lambda_e": 0.0, **settings})
     train(cfg, events.append)
+    import torch.nn.functional as F
     from safetensors.torch import load_file
 
-    import torch.nn.functional as F
     from engine.adapters.lora2 import nu_for_rank
 
     rhos = [t for k, t in load_file(str(out / "adapter.safetensors")).items() if k.endswith("rho")]

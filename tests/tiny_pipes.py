@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 
@@ -38,8 +43,8 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
                                 attention_head_dim=8, norm_num_groups=8)
     te = CLIPTextModel(_text_config(32, len(tok)))
     pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=te, tokenizer=tok, unet=unet,
-                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -56,7 +61,8 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     te1 = CLIPTextModel(_text_config(32, len(tok)))
     te2 = CLIPTextModelWithProjection(_text_config(32, len(tok), projection=32))
     pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
-                                     tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False))
+                                     tokenizer_2=tiny_tokenizer(), unet=unet,
+                                     scheduler=DDIMScheduler(steps_offset=1, clip_sample=False))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

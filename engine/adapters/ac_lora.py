@@ -34,7 +34,8 @@ class ACLoRAConfig(LoRAConfig):
             raise ValueError(f"restart_every_epochs must be a positive integer, got {self.restart_every_epochs!r}")
         if self.restart_every_steps is not None and (not isinstance(self.restart_every_steps, int)
                                                      or self.restart_every_steps < 1):
-            raise ValueError(f"restart_every_steps must be a positive integer or empty, got {self.restart_every_steps!r}")
+            raise ValueError("restart_every_steps must be a positive integer or empty, "
+                             f"got {self.restart_every_steps!r}")
 
 
 def keep_threshold(mean_loss: float, epoch: int, total_epochs: int) -> float:
@@ -46,7 +47,8 @@ def keep_threshold(mean_loss: float, epoch: int, total_epochs: int) -> float:
 
 
 def keep_components(S: torch.Tensor, p: float, criterion: str = "energy") -> int:
-    """Components kept at threshold p: energy = min k with cumsum(s^2) >= p total; paper = #{i: cumsum(s)_i < p sum s}."""
+    """Components kept at threshold p: energy = min k with cumsum(s^2) >= p total;
+    paper = #{i: cumsum(s)_i < p sum s}."""
     return int(keep_counts(S.detach().float().cpu()[None], p, criterion)[0])
 
 

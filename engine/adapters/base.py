@@ -38,7 +38,8 @@ class AdapterConfig:
 
     method: ClassVar[str] = "base"
     rank: int = opt(16, "Adapter rank r (LoRA²: starting/target rank; AC-LoRA, TriLoRA: the maximum rank R).", min=1)
-    alpha: float | None = opt(None, "Scale numerator: the update is multiplied by alpha / rank. Empty = rank (scale 1).")
+    alpha: float | None = opt(None, "Scale numerator: the update is multiplied by alpha / rank. "
+                                    "Empty = rank (scale 1).")
     targets: str = opt("attn", "Layers to adapt: a preset (attn, attn+ff, attn+ff+conv) or comma-separated "
                        "module-name suffixes such as to_q,to_v.", choices=tuple(TARGET_PRESETS))
     seed: int = opt(0, "Seed of the adapter's initialisation.")

@@ -14,7 +14,8 @@ from engine.adapters.registry import Method, register
 @dataclass
 class LoRAConfig(AdapterConfig):
     method = "lora"
-    init: str = opt("kaiming", "Initialisation of the down matrix A (B starts at zero).", choices=("kaiming", "gaussian"))
+    init: str = opt("kaiming", "Initialisation of the down matrix A (B starts at zero).",
+                    choices=("kaiming", "gaussian"))
 
 
 def init_down(rows: int, cols: int, kind: str, generator: torch.Generator | None) -> torch.Tensor:

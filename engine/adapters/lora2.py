@@ -23,7 +23,8 @@ class LoRA2Config(AdapterConfig):
     method = "lora2"
     max_rank: int = opt(64, "R_max: the largest rank a layer may grow to (buffer size).", min=1)
     q: float = opt(0.9, "Quantile of the importance distribution that sets the rank D.", min=0.5, max=0.999)
-    lambda_r: float = opt(1e-4, "Weight of the rank regulariser sum |nu - nu_t| (pulls ranks towards `rank`).", min=0.0)
+    lambda_r: float = opt(1e-4, "Weight of the rank regulariser sum |nu - nu_t| (pulls ranks towards `rank`).",
+                          min=0.0)
     lambda_e: float = opt(1e-4, "Weight of the cross-attention entropy term (0 turns it off).", min=0.0)
     normalise: bool = opt(False, "Renormalise the importance weights over the kept ranks (adaptive-width code).")
     init_c: float = opt(1.0, "c of the rescaled Kaiming init A ~ N(0, c / (k * sum Lambda^2)).", min=0.0)
