@@ -1,30 +1,32 @@
 #!/usr/bin/env bash
 # Every GPU figure of the speed work, results under $OUT:
-#   OUT=bench/results/$(date +%Y%m%d) bash bench/gpu_all.sh [tests|bench|trainer|all]
-# tests   (~5 min): the Triton kernels built for this GPU's architecture (bench/compile_kernels.py),
-#                   bench/capture_check.py (one graph per method, seconds), then the gpu-marked tests: the
-#                   kernels' first, then the rest (graph vs eager trainer for every method, no host syncs, real
+#   OUT=bench/results/$(date +%Y%m%d) bash bench/gpu_all.sh [kernels|tests|bench|trainer|all]
+# kernels (~5 min): the Triton kernels built for this GPU's architecture (bench/compile_kernels.py),
+#                   bench/capture_check.py (one graph per method, seconds), then the kernels' gpu-marked tests
+#                   (each kernel = its torch form, the trainer's runs with and without them)
+# tests   (~5 min): every other gpu-marked test (graph vs eager trainer for every method, no host syncs, real
 #                   architectures, fused op, batched entropy)
 # bench   (~4 min): bench_speed under CUDA graphs (floor, PEFT r16/r64, every method r16/r64, SD1.5 and SDXL, SVD
 #                   timings), then the LoRA² ablation on SDXL
 # trainer (~4 min): the real trainer under CUDA graphs x the frozen floor timed in the same process, and a
 #                   profile of its LoRA² step on SDXL
-# all: the three in a row (longer than one 600 s device call)
+# all: the four in a row (longer than one 600 s device call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_all}
 PART=${1:-all}
+K="kernel or fold or entropy or slot"  # the Triton kernels' gpu tests (kernel = torch form, trainer runs)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1
-if [[ $PART == tests || $PART == all ]]; then
+if [[ $PART == kernels || $PART == all ]]; then
   timeout 60 python bench/compile_kernels.py --out "$OUT/kernels.json" | tail -1  # ptxas: registers, spills
   timeout 120 python bench/capture_check.py > "$OUT/capture_check.txt" 2>&1  # seconds: does every method capture?
   cat "$OUT/capture_check.txt" | grep -E "captured|FAILED"
-  # the Triton kernels first (kernel = torch form, fused entropy, fold, SlotAdamW), then every other gpu test
-  K="kernel or fold or entropy or slot"
-  timeout 100 python -m pytest -q -p no:cacheprovider -W ignore tests -m gpu -k "$K" > "$OUT/pytest_kernels.txt" 2>&1
-  tail -8 "$OUT/pytest_kernels.txt"
-  timeout 270 python -m pytest -q -p no:cacheprovider -W ignore tests -m gpu -k "not ($K)" > "$OUT/pytest_gpu.txt" 2>&1
+  timeout 300 python -m pytest -q -p no:cacheprovider -W ignore tests -m gpu -k "$K" > "$OUT/pytest_kernels.txt" 2>&1
+  tail -12 "$OUT/pytest_kernels.txt"
+fi
+if [[ $PART == tests || $PART == all ]]; then
+  timeout 500 python -m pytest -q -p no:cacheprovider -W ignore tests -m gpu -k "not ($K)" > "$OUT/pytest_gpu.txt" 2>&1
   tail -12 "$OUT/pytest_gpu.txt"
 fi
 if [[ $PART == bench || $PART == all ]]; then

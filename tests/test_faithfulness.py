@@ -1391,6 +1391,51 @@ def test_kernel_fold_equals_the_torch_form(kernel_device, out_dtype, monkeypatch
         assert torch.allclose(gv1, gv0, rtol=1e-5, atol=1e-5), mode
 
 
+@pytest.mark.parametrize("kernel_device", _kernel_params(), indirect=True)
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_kernel_trainer_runs_equal_the_torch_form(kernel_device, precision, tmp_path, monkeypatch):
+    """The real trainer (engine.train.train, 4 steps on the tiny pipeline, gradients in place, q/k/v stacked; on
+    CUDA under CUDA graphs with SlotAdamW) with every Triton kernel gives the torch form's losses: TriLoRA (fold)
+    and LoRA² (fold, resize, entropy; ranks that move, a strong entropy term). In fp32 only the random rows a rank
+    that grows draws differ (the kernel's generator); in bf16 the torch form also rounds the entropy's scores."""
+    from helpers import make_image_folder, save_tiny_pipeline
+
+    from engine.adapters import triton_ops
+    from engine.runs import RunFolder
+    from engine.train import TrainConfig, train
+
+    model = str(save_tiny_pipeline(tmp_path / "tiny-sd"))
+    data = str(make_image_folder(tmp_path / "ds", n=4))
+    calls = []
+    for name in ("fold_vectors_backward", "resize_slots", "attn_entropy", "row_entropy"):
+        real = getattr(triton_ops, name)
+        monkeypatch.setattr(triton_ops, name, functools.partial(
+            lambda f, nm, *a, **k: calls.append(nm) or f(*a, **k), real, name))
+    for method, settings in (("tri_lora", {}), ("lora2", {"max_rank": 8, "lambda_e": 1.0, "rho_lr": 0.3})):
+        losses, ranks = [], []
+        for enabled in (True, False):
+            monkeypatch.setattr(triton_ops, "ENABLED", enabled)
+            calls.clear()
+            cfg = TrainConfig(dataset=data, base_model=model, rank=4, steps=4, lr=1e-3, rank_every=2, seed=3,
+                              method=method, method_settings=settings, mixed_precision=precision,
+                              output_dir=str(tmp_path / f"{method}-{enabled}"))
+            run = RunFolder(train(cfg).run_dir)
+            losses.append([m["loss"] for m in run.metrics()])
+            ranks.append([r["native"] for r in run.ranks() if r["type"] == "ranks"])
+            used = set(calls)
+            if enabled:
+                want = {"fold_vectors_backward"} | ({"resize_slots", "attn_entropy" if precision == "bf16"
+                                                     else "row_entropy"} if method == "lora2" else set())
+                assert want <= used, (method, used)
+            else:
+                assert not used
+        assert len(losses[0]) == len(losses[1]) == 4
+        tol = 3e-3 if precision == "bf16" and method == "lora2" else 1e-4
+        assert losses[0] == pytest.approx(losses[1], rel=tol), method
+        assert ranks[0] == ranks[1], method  # every rank move the same (LoRA²: some layers grow to 5)
+    assert any(d > 4 for d in ranks[0][-1].values())
+
+
 def test_fold_kernels_take_only_what_they_can(monkeypatch):
     """fold_ok refuses what the fold kernel cannot read (kernels forced usable on the CPU): a non-contiguous, non-fp32
     or not 16-byte aligned factor, mixed shapes, a rank over 1024, fp64 vectors; and FOLD_KERNELS = False (the
