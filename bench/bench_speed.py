@@ -244,15 +244,23 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
 
 
 def svd_timings(arch, device, dtype, rank, results):
-    """AC-LoRA restart and a full per-layer rank measurement (batched cheap SVD) on random adapters."""
+    """AC-LoRA restart and a full per-layer rank measurement (batched cheap SVD) on random adapters, and the
+    trainer's rank log for AC-LoRA and LoRA² (whose per-rank weights come from rho and the masks)."""
     unet = build_unet(arch, device, dtype)
-    ad = inject(unet, make_config("ac_lora", rank=rank))
-    with torch.no_grad():
-        for p in ad.parameters():
-            p.normal_(0, 0.02)
     out = {}
 
-    def rank_log(host: bool = True):
+    def median_time(fn) -> float:
+        fn()
+        sync(device)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def rank_log(ad, host: bool = True):
         """The trainer's rank log: probe on the device, pinned copies, and (host) the eigenvalues on the CPU."""
         from engine.train import _probe_to_host
 
@@ -262,20 +270,22 @@ def svd_timings(arch, device, dtype, rank, results):
                 event.synchronize()
             probe.finish(0.9)
 
-    for label, fn in (("rank_measure_s", lambda: ad.effective_ranks(0.9)),
-                      ("rank_log_s", rank_log),  # device and host parts back to back (the trainer overlaps them)
-                      ("rank_log_launch_s", lambda: rank_log(host=False)),  # what the training loop waits for
-                      ("ac_restart_s", lambda: ad.restart(0.2, 3, 10))):
-        fn()
-        sync(device)
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        out[label] = statistics.median(times)
-    row = {"name": f"{arch} svd r{rank}", "arch": arch, "kind": "svd", "rank": rank, "layers": len(ad.layers), **out}
+    for method, prefix in (("ac_lora", ""), ("lora2", "lora2_")):
+        ad = inject(unet, make_config(method, rank=rank, **({"max_rank": 2 * rank} if method == "lora2" else {})))
+        with torch.no_grad():
+            for p in ad.parameters():
+                if p.dim() > 0:
+                    p.normal_(0, 0.02)
+        cases = {"rank_log_s": lambda ad=ad: rank_log(ad),  # device and host parts back to back (the trainer
+                 "rank_log_launch_s": lambda ad=ad: rank_log(ad, host=False)}  # overlaps them); what it waits for
+        if method == "ac_lora":
+            cases = {"rank_measure_s": lambda ad=ad: ad.effective_ranks(0.9), **cases,
+                     "ac_restart_s": lambda ad=ad: ad.restart(0.2, 3, 10)}
+        for label, fn in cases.items():
+            out[prefix + label] = median_time(fn)
+        layers = len(ad.layers)
+        unet = ad.remove()
+    row = {"name": f"{arch} svd r{rank}", "arch": arch, "kind": "svd", "rank": rank, "layers": layers, **out}
     print(json.dumps(row), flush=True)
     results.append(row)
 
@@ -373,7 +383,9 @@ def markdown(results, device_name: str) -> str:
         if r["kind"] == "svd":
             lines.append(f"\n{r['name']} ({r['layers']} layers): full rank measurement {r['rank_measure_s']:.3f} s, "
                          f"AC-LoRA restart {r['ac_restart_s']:.3f} s, trainer rank log {r['rank_log_s']:.3f} s "
-                         f"(device part, timed with a sync: {r['rank_log_launch_s']:.3f} s)")
+                         f"(device part, timed with a sync: {r['rank_log_launch_s']:.3f} s)"
+                         + (f"; LoRA² rank log {r['lora2_rank_log_s']:.3f} s (device part "
+                            f"{r['lora2_rank_log_launch_s']:.3f} s)" if "lora2_rank_log_s" in r else ""))
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from torch import nn
 
 from engine.adapters import AdapterLayer, inject, make_config, method_names
 from engine.adapters.registry import Method, register
@@ -181,3 +182,48 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
         grads.append([p.grad.clone() for p in adapters.parameters()])
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method, extra", [("lora", {}), ("ac_lora", {}), ("tri_lora", {}),
+                                           ("lora2", {"max_rank": 8}), ("lora2", {"max_rank": 8, "normalise": True})])
+def test_set_factors_equal_each_layers_own_in_ops_that_do_not_grow_with_the_layers(method, extra):
+    """AdapterSet.factors() (one stack and one multiply per shape group, LoRA²'s vectors in one batched op) gives
+    every layer's own factors() bit for bit (LoRA², ranks moved apart: within rounding, since its batched weights
+    take the CPU's vectorised exp), in a number of ops that is the same for 8 and for 32 same-shape layers (the
+    trainer's rank log starts here)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    free = {"detach", "view", "expand", "unbind", "select", "transpose", "alias", "_unsafe_view", "t"}
+
+    class Ops(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.n += func.overloadpacket.__name__ not in free
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for n in (8, 32):
+        model = nn.Sequential(*[nn.Linear(12, 10) for _ in range(n)])
+        ad = inject(model, make_config(method, rank=4, targets=",".join(map(str, range(n))), **extra))
+        g = torch.Generator().manual_seed(n)
+        with torch.no_grad():
+            for p in ad.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 0 else 0.0))
+        if method == "lora2":
+            for i, layer in enumerate(ad.layers.values()):
+                layer.set_rank(1 + i % 8)
+        got = ad.factors()
+        assert list(got) == list(ad.layers)
+        for name, layer in ad.layers.items():
+            up, down = (t.float() for t in layer.factors())
+            if method == "lora2":  # the CPU's vectorised exp and softplus against their scalar forms (0-d nu),
+                assert torch.allclose(got[name][0], up, rtol=1e-6, atol=1e-9), name  # a row sum: within an ulp
+            else:
+                assert torch.equal(got[name][0], up), name
+            assert torch.equal(got[name][1], down), name
+        Ops.n = 0
+        with Ops():
+            ad.factors()
+        counts.append(Ops.n)
+    assert counts[0] == counts[1] > 0, counts

@@ -627,9 +627,33 @@ class AdapterSet:
         pass
 
     # analysis --------------------------------------------------------------------------------------------
+    def vectors(self, layers: list[AdapterLayer]) -> list[torch.Tensor | None]:
+        """Each layer's per-rank vector (AdapterLayer.vector()); LoRA² computes them in one batched op."""
+        return [layer.vector() for layer in layers]
+
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's AdapterLayer.factors() in fp32, the same values, made a shape group at a time: one stack
+        and one multiply per group, the vectors from vectors(), instead of a few small ops per layer (the trainer's
+        rank log, the rank measurement, AC-LoRA's restart and the export all start here; LoRA² on SDXL issued
+        ~6,000 kernels a call)."""
         with torch.no_grad():
-            return {name: tuple(t.detach().float() for t in layer.factors()) for name, layer in self.layers.items()}
+            items = list(self.layers.items())
+            groups: dict[tuple, list[int]] = {}
+            vecs = self.vectors([layer for _, layer in items])
+            for i, ((_, layer), vec) in enumerate(zip(items, vecs, strict=True)):
+                up = layer.down_up()[1]
+                vkey = None if vec is None else (vec.dtype, vec.device, tuple(vec.shape))
+                groups.setdefault((tuple(up.shape), up.dtype, up.device, layer.scale, vkey), []).append(i)
+            ups: list[torch.Tensor | None] = [None] * len(items)
+            for (_, _, _, scale, vkey), idx in groups.items():
+                up = torch.stack([items[i][1].down_up()[1].detach() for i in idx])
+                if vkey is None:
+                    up.mul_(scale)  # up * scale, as AdapterLayer.factors
+                else:  # up * (vec * scale)
+                    up.mul_(torch.stack([vecs[i].detach() for i in idx])[:, None, :] * scale)
+                for i, u in zip(idx, up.float().unbind(0), strict=True):
+                    ups[i] = u
+            return {name: (ups[i], layer.down_up()[0].detach().float()) for i, (name, layer) in enumerate(items)}
 
     def spectra(self) -> dict[str, analysis.Spectrum]:
         return analysis.batched_spectra(self.factors())

@@ -524,6 +524,17 @@ class LoRA2Set(AdapterSet):
         for layer, row in zip(layers, lam.unbind(0), strict=True):
             layer._lam = (row, layer.rho._version, layer.active._version)
 
+    @torch.no_grad()
+    def vectors(self, layers: list[LoRA2Layer]) -> list[torch.Tensor]:
+        """Every layer's lambdas() in one batched op (the same values)."""
+        if not layers or len({layer.rho.device for layer in layers}) > 1:
+            return super().vectors(layers)
+        lam = importance(F.softplus(torch.stack([layer.rho for layer in layers]))[:, None], self.config.max_rank)
+        lam = lam * torch.stack([layer.active for layer in layers])
+        if self.config.normalise:
+            lam = lam / lam.sum(1, keepdim=True)
+        return list(lam.unbind(0))
+
     def _layer_params(self, layer: LoRA2Layer) -> list[nn.Parameter]:
         return [layer.lora_A, layer.lora_B]
 
