@@ -40,11 +40,12 @@ def cases() -> list[tuple[str, object, dict, dict, int, dict]]:
                     {"z_ptr": "*bf16", "lse_ptr": "*fp32", "h_ptr": "*fp32", "w_ptr": "*fp32", "n_cols": "i32",
                      "rows_per_w": "i32", "scale": "fp32"}, {"BLOCK": block}, warps,
                     {"n_cols": block, "rows_per_w": 20 * 77}))
-    out.append(("resize_slots", T._resize_slots,
-                {"old_ptr": "*i64", "new_ptr": "*i64", "std_ptr": "*fp32", "seed_ptr": "*i64", "a_tab": "*i64",
-                 "b_tab": "*i64", "sh_tab": "*i64", "sh_like": "*bf16", "am_tab": "*i64", "bm_tab": "*i64",
-                 "n_layers": "i32", "n_am": "i32", "n_bm": "i32", "R": "i32", "K": "i32", "D": "i32"},
-                {"BLOCK_K": 1024, "BLOCK_D": 1024}, 4, {"R": 128, "K": 640, "D": 640}))
+    for d_ty in ("*i64", "*fp32"):  # D as host-path ints, or as LoRA2Set's batched plan (exact small floats)
+        out.append((f"resize_slots D {d_ty[1:]}", T._resize_slots,
+                    {"old_ptr": d_ty, "new_ptr": d_ty, "std_ptr": "*fp32", "seed_ptr": "*i64", "a_tab": "*i64",
+                     "b_tab": "*i64", "sh_tab": "*i64", "sh_like": "*bf16", "am_tab": "*i64", "bm_tab": "*i64",
+                     "n_layers": "i32", "n_am": "i32", "n_bm": "i32", "R": "i32", "K": "i32", "D": "i32"},
+                    {"BLOCK_K": 1024, "BLOCK_D": 1024}, 4, {"R": 128, "K": 640, "D": 640}))
     for axis in (0, 1):
         out.append((f"adamw_slots axis={axis}", T._adamw_slots,
                     {**{n: "*i64" for n in ("p_tab", "g_tab", "m_tab", "v_tab", "step_tab", "mask_tab")},

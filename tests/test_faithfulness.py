@@ -960,15 +960,17 @@ def test_slot_adamw_equals_torch_adamw(kernel_device, monkeypatch):
 
 
 @pytest.mark.parametrize("kernel_device", _kernel_params(), indirect=True)
-def test_kernel_resize_equals_the_torch_form(kernel_device, monkeypatch):
+@pytest.mark.parametrize("dims", [(512, 512, 512, 512), (512, 512, 256, 512)], ids=["one shape", "three shapes"])
+def test_kernel_resize_equals_the_torch_form(kernel_device, dims, monkeypatch):
     """LoRA²'s resize kernel leaves the masks, B, every optimizer moment and the untouched rows of A exactly as
-    the torch form does; the grown rows of A follow the init rule (std within 10% over 64 x 512 draws) and the
-    bf16 compute copies equal A; the sync-free path (device ranks) and the host path agree."""
+    the torch form does; the grown rows of A follow the init rule of their own layer (std within 10% over 64 x
+    fan-in draws) and the bf16 compute copies equal A; the sync-free path (device ranks; all groups' masks and
+    stds at once) and the host path agree."""
     from engine.adapters import triton_ops
 
     def build():
         torch.manual_seed(0)
-        model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(3)]).to(kernel_device)
+        model = nn.Sequential(*[nn.Linear(dims[i], dims[i + 1]) for i in range(3)]).to(kernel_device)
         ad = inject(model, make_config("lora2", rank=8, max_rank=96, targets="0,1,2", lambda_e=0.0))
         opt = torch.optim.AdamW(ad.param_groups(1e-2, weight_decay=0.01))
         with torch.autocast(kernel_device, dtype=torch.bfloat16):
@@ -977,9 +979,14 @@ def test_kernel_resize_equals_the_torch_form(kernel_device, monkeypatch):
         ad.refresh_shadows()
         return ad, opt
 
+    from engine.adapters.lora2 import LoRA2Set
+
+    batched = []  # what the sync-free resize of all groups at once answered (False: it went group by group)
+    real = LoRA2Set._resize_all_in_kernel
+    monkeypatch.setattr(LoRA2Set, "_resize_all_in_kernel", lambda *a: batched.append(real(*a)) or batched[-1])
     (a, oa), (b, ob) = build(), build()
     assert all(layer._shadow is not None for layer in b.layers.values())
-    for target, sync in (((72, 8, 3), False), ((40, 8, 5), True), ((40, 9, 1), False)):
+    for target, sync in (((72, 8, 80), False), ((40, 8, 5), True), ((40, 9, 1), False)):
         for ad in (a, b):
             with torch.no_grad():
                 for layer, r in zip(ad.layers.values(), target):
@@ -988,7 +995,9 @@ def test_kernel_resize_equals_the_torch_form(kernel_device, monkeypatch):
         monkeypatch.setattr(triton_ops, "ENABLED", False)
         a.before_step(0, oa, sync=sync)
         monkeypatch.setattr(triton_ops, "ENABLED", True)
+        batched.clear()
         b.before_step(0, ob, sync=sync)
+        assert batched == ([] if sync else [True])
         assert [int(layer.active.sum()) for layer in b.layers.values()] == list(target)
         for name, la in a.layers.items():
             lb = b.layers[name]
