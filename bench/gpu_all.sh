@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU figure of the speed work, results under $OUT:
 #   OUT=bench/results/$(date +%Y%m%d) bash bench/gpu_all.sh [kernels|tests|bench|trainer|all]
-# kernels (~5 min): the Triton kernels built for this GPU's architecture (bench/compile_kernels.py),
-#                   bench/capture_check.py (one graph per method, seconds), then the kernels' gpu-marked tests
+# kernels (~6 min): the Triton kernels built for this GPU's architecture (bench/compile_kernels.py), timed
+#                   against their torch forms at SDXL sizes (bench/bench_kernels.py), bench/capture_check.py (one
+#                   graph per method, seconds), then the kernels' gpu-marked tests
 #                   (each kernel = its torch form, the trainer's runs with and without them)
 # tests   (~5 min): every other gpu-marked test (graph vs eager trainer for every method, no host syncs, real
 #                   architectures, fused op, batched entropy)
@@ -20,9 +21,10 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1
 if [[ $PART == kernels || $PART == all ]]; then
   timeout 60 python bench/compile_kernels.py --out "$OUT/kernels.json" | tail -1  # ptxas: registers, spills
-  timeout 120 python bench/capture_check.py > "$OUT/capture_check.txt" 2>&1  # seconds: does every method capture?
+  timeout 120 python bench/bench_kernels.py --out "$OUT/kernel_times" | grep "^|"  # each kernel vs its torch form
+  timeout 100 python bench/capture_check.py > "$OUT/capture_check.txt" 2>&1  # seconds: does every method capture?
   cat "$OUT/capture_check.txt" | grep -E "captured|FAILED"
-  timeout 300 python -m pytest -q -p no:cacheprovider -W ignore tests -m gpu -k "$K" > "$OUT/pytest_kernels.txt" 2>&1
+  timeout 280 python -m pytest -q -p no:cacheprovider -W ignore tests -m gpu -k "$K" > "$OUT/pytest_kernels.txt" 2>&1
   tail -12 "$OUT/pytest_kernels.txt"
 fi
 if [[ $PART == tests || $PART == all ]]; then

@@ -39,3 +39,14 @@ def test_triton_kernels_compile_for_the_gpu():
     import compile_kernels
 
     assert compile_kernels.main(["--arch", "90"]) == 0
+
+
+def test_kernel_bench_quick_run_writes_every_case(tmp_path):
+    """bench/bench_kernels.py --quick (the smoke run; on the CPU every case takes its torch form) times every case
+    and writes them all, as the GPU run does."""
+    import bench_kernels
+
+    assert bench_kernels.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    assert len(rows) == 8 and all(r.get("ms", 0) > 0 for r in rows), rows
+    assert "| fold fwd+bwd, torch form |" in (tmp_path / "kernels.md").read_text()

@@ -322,6 +322,7 @@ def row_entropy_backward_(z: torch.Tensor, lse: torch.Tensor, h: torch.Tensor, w
 # --- LoRA²'s cross-attention entropy straight from q and k (no score map) -------------------------------------
 FUSED_ENTROPY = True  # False: the scores go through a buffer and the row kernels above (the bench's ablation)
 ENTROPY_BLOCK_N = 64  # image positions per tile (32 for heads over 64 channels: no register spills on sm_80/89)
+ENTROPY_WARPS = 8  # warps per program (bench/compile_kernels.py: 8 spill no registers on sm_90, 4 did)
 ENTROPY_LAYERS = 16  # layers per launch: their q and k are passed as arguments (no pointer table to copy, which a
 #                      CUDA graph capture, where the activations get their addresses, could not do safely)
 _FUSED_FAILED: set[tuple] = set()  # (device, dtype, head channels, tokens) whose fused launch raised
@@ -515,7 +516,7 @@ def _entropy_plan(qs, ks) -> tuple[int, int, tuple, dict]:
                     for size, st in zip(t.shape[:3], t.stride()[:3], strict=True))  # axis is only read at 0
     vec = 8 if all(x % 8 == 0 for x in strides) else 1
     meta = dict(HD=hd, VEC=vec, BLOCK_T=max(16, triton.next_power_of_2(ks[0].shape[2])), BLOCK_N=block_n,
-                BLOCK_D=block_d, num_warps=8)  # bench/compile_kernels.py: 8 warps spill no registers on sm_90, 4 did
+                BLOCK_D=block_d, num_warps=ENTROPY_WARPS)
     return triton.cdiv(n, span), span, tuple(x // vec for x in strides), meta  # no empty span
 
 
