@@ -354,27 +354,30 @@ class FoldVectors(torch.autograd.Function):
         n, s = ctx.n, ctx.scale
         ups, vecs = tensors[:n], tensors[n:]
         need_up, need_vec = any(ctx.needs_input_grad[4:4 + n]), any(ctx.needs_input_grad[4 + n:])
-        if triton_ops.fold_ok(ups, vecs):
-            return None, None, None, None, *_fold_backward_kernel(ctx, g, ups, vecs, need_up, need_vec)
-        g = g.to(ups[0].dtype)
+        if triton_ops.fold_ok(ups, vecs):  # CUDA: one pass; B's gradients may already be in their .grad
+            gup, gvec = _fold_backward_kernel(ctx, g, ups, vecs, need_up, need_vec)
+        else:
+            g = g.to(ups[0].dtype)
+            gup = g * (torch.stack(vecs).to(g.dtype) * s)[:, None, :] if need_up else None
+            gvec = (g * torch.stack(ups)).sum(1) * s if need_vec else None
         grad_ups = grad_vecs = (None,) * n
-        if need_up:
-            grad_ups = (g * (torch.stack(vecs).to(g.dtype) * s)[:, None, :]).unbind(0)
+        if gup is not None:
+            grad_ups = gup.unbind(0)
             if ctx.into[0]:
                 grad_ups = add_into_grads(ups, grad_ups)
-        if need_vec:
-            grad_vecs = ((g * torch.stack(ups)).sum(1) * s).to(vecs[0].dtype).unbind(0)
+        if gvec is not None:
+            grad_vecs = gvec.to(vecs[0].dtype).unbind(0)
             if ctx.into[1]:
                 grad_vecs = add_into_grads(vecs, grad_vecs)
         return None, None, None, None, *grad_ups, *grad_vecs
 
 
-def _fold_backward_kernel(ctx, g, ups, vecs, need_up: bool, need_vec: bool) -> list:
-    """FoldVectors' backward through triton_ops.fold_vectors_backward (one launch). B's gradients that go into
-    .grad (in_place) are written there by the kernel: added when every B has one it can take (the trainer's
-    steps), stored into new tensors that become the .grad when none has one yet (an eager step after
-    zero_grad(set_to_none=True)), else added by add_into_grads."""
-    n = len(ups)
+def _fold_backward_kernel(ctx, g, ups, vecs, need_up: bool, need_vec: bool):
+    """FoldVectors' backward products through triton_ops.fold_vectors_backward (one launch) -> (B's gradients
+    (n, d, r) or None, v's (n, r) or None). B's gradients that go into .grad (in_place) are written there by the
+    kernel and come back None: added when every B has one it can take (the trainer's steps), stored into new
+    tensors that become the .grad when none has one yet (an eager step after zero_grad(set_to_none=True)); with
+    some there and some not, they come back for add_into_grads."""
     grads = [p.grad for p in ups]
     into, accumulate = None, True
     if need_up and ctx.into[0]:
@@ -388,16 +391,7 @@ def _fold_backward_kernel(ctx, g, ups, vecs, need_up: bool, need_vec: bool) -> l
     if into is not None and not accumulate:
         for p, x in zip(ups, into, strict=True):
             p.grad = x
-    grad_ups = grad_vecs = (None,) * n
-    if gup is not None:
-        grad_ups = gup.unbind(0)
-        if ctx.into[0]:
-            grad_ups = add_into_grads(ups, grad_ups)
-    if gvec is not None:
-        grad_vecs = gvec.to(vecs[0].dtype).unbind(0)
-        if ctx.into[1]:
-            grad_vecs = add_into_grads(vecs, grad_vecs)
-    return [*grad_ups, *grad_vecs]
+    return gup, gvec
 
 
 def add_into_grads(params, grads) -> tuple[None, ...]:
@@ -637,23 +631,23 @@ class AdapterSet:
         rank log, the rank measurement, AC-LoRA's restart and the export all start here; LoRA² on SDXL issued
         ~6,000 kernels a call)."""
         with torch.no_grad():
-            items = list(self.layers.items())
+            layers = list(self.layers.values())
+            pairs = [layer.down_up() for layer in layers]  # (down, up)
+            vecs = self.vectors(layers)
             groups: dict[tuple, list[int]] = {}
-            vecs = self.vectors([layer for _, layer in items])
-            for i, ((_, layer), vec) in enumerate(zip(items, vecs, strict=True)):
-                up = layer.down_up()[1]
+            for i, (layer, (_, up), vec) in enumerate(zip(layers, pairs, vecs, strict=True)):
                 vkey = None if vec is None else (vec.dtype, vec.device, tuple(vec.shape))
                 groups.setdefault((tuple(up.shape), up.dtype, up.device, layer.scale, vkey), []).append(i)
-            ups: list[torch.Tensor | None] = [None] * len(items)
+            ups: list[torch.Tensor | None] = [None] * len(layers)
             for (_, _, _, scale, vkey), idx in groups.items():
-                up = torch.stack([items[i][1].down_up()[1].detach() for i in idx])
+                up = torch.stack([pairs[i][1].detach() for i in idx])
                 if vkey is None:
                     up.mul_(scale)  # up * scale, as AdapterLayer.factors
                 else:  # up * (vec * scale)
                     up.mul_(torch.stack([vecs[i].detach() for i in idx])[:, None, :] * scale)
                 for i, u in zip(idx, up.float().unbind(0), strict=True):
                     ups[i] = u
-            return {name: (ups[i], layer.down_up()[0].detach().float()) for i, (name, layer) in enumerate(items)}
+            return {name: (ups[i], pairs[i][0].detach().float()) for i, name in enumerate(self.layers)}
 
     def spectra(self) -> dict[str, analysis.Spectrum]:
         return analysis.batched_spectra(self.factors())

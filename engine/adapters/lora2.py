@@ -50,6 +50,13 @@ def importance(nu: torch.Tensor, size: int) -> torch.Tensor:
     return torch.exp(-nu * j) * (-torch.expm1(-nu))
 
 
+def slot_weights(nus: torch.Tensor, masks: torch.Tensor, max_rank: int, normalise: bool) -> torch.Tensor:
+    """Importance weights of n layers' R_max slots, (n, R): f(j; nu_i) on each layer's active slots (masks (n, R)),
+    zero elsewhere, renormalised over the active ones if asked (LoRA2Layer.lambdas of a whole set at once)."""
+    lam = importance(nus[:, None], max_rank) * masks
+    return lam / lam.sum(1, keepdim=True) if normalise else lam
+
+
 def rank_from_nu(nu: torch.Tensor, q: float, max_rank: int) -> torch.Tensor:
     """D = clamp(ceil(-ln(1 - q) / nu), 1, R_max) (the q-quantile of the importance distribution)."""
     return torch.clamp(torch.ceil(-math.log1p(-q) / nu - 1e-4), 1, max_rank).long()
@@ -211,9 +218,7 @@ def _init_stds(layers: list[LoRA2Layer], new: torch.Tensor, nus: torch.Tensor | 
     c = layers[0].config
     if nus is None:
         nus = F.softplus(torch.stack([layer.rho for layer in layers]))
-    lam = importance(nus[:, None], c.max_rank) * new
-    if c.normalise:
-        lam = lam / lam.sum(1, keepdim=True)
+    lam = slot_weights(nus, new, c.max_rank, c.normalise)
     k = layers[0].in_features if fan_in is None else fan_in
     return (c.init_c / (k * lam.float().pow(2).sum(1).clamp_min(1e-12))).sqrt()  # (n,)
 
@@ -529,9 +534,8 @@ class LoRA2Set(AdapterSet):
             return
         nus = F.softplus(StackLeaves.apply(layers[0].grads_in_place, *[layer.rho for layer in layers]))  # (L,)
         self._nus = (nus, torch.is_grad_enabled())  # the rank regulariser reuses it: one gradient path into rho
-        lam = importance(nus[:, None], self.config.max_rank) * torch.stack([layer.active for layer in layers])
-        if self.config.normalise:
-            lam = lam / lam.sum(1, keepdim=True)
+        lam = slot_weights(nus, torch.stack([layer.active for layer in layers]), self.config.max_rank,
+                           self.config.normalise)
         for layer, row in zip(layers, lam.unbind(0), strict=True):
             layer._lam = (row, layer.rho._version, layer.active._version)
 
@@ -540,11 +544,9 @@ class LoRA2Set(AdapterSet):
         """Every layer's lambdas() in one batched op (the same values)."""
         if not layers or len({layer.rho.device for layer in layers}) > 1:
             return super().vectors(layers)
-        lam = importance(F.softplus(torch.stack([layer.rho for layer in layers]))[:, None], self.config.max_rank)
-        lam = lam * torch.stack([layer.active for layer in layers])
-        if self.config.normalise:
-            lam = lam / lam.sum(1, keepdim=True)
-        return list(lam.unbind(0))
+        return list(slot_weights(F.softplus(torch.stack([layer.rho for layer in layers])),
+                                 torch.stack([layer.active for layer in layers]), self.config.max_rank,
+                                 self.config.normalise).unbind(0))
 
     def _layer_params(self, layer: LoRA2Layer) -> list[nn.Parameter]:
         return [layer.lora_A, layer.lora_B]
