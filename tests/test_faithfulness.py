@@ -1416,6 +1416,7 @@ def test_kernel_trainer_runs_equal_the_torch_form(kernel_device, precision, tmp_
     model = str(save_tiny_pipeline(tmp_path / "tiny-sd"))
     data = str(make_image_folder(tmp_path / "ds", n=4))
     calls = []
+    monkeypatch.setattr(triton_ops, "_CHECKED", {})
     for name in ("fold_vectors_backward", "resize_slots", "attn_entropy", "row_entropy"):
         real = getattr(triton_ops, name)
         monkeypatch.setattr(triton_ops, name, functools.partial(
@@ -1443,6 +1444,151 @@ def test_kernel_trainer_runs_equal_the_torch_form(kernel_device, precision, tmp_
         assert losses[0] == pytest.approx(losses[1], rel=tol), method
         assert ranks[0] == ranks[1], method  # every rank move the same (LoRA²: some layers grow to 5)
     assert any(d > 4 for d in ranks[0][-1].values())
+    checked = {key[0] for key in triton_ops._CHECKED}  # each new launch shape met its torch form once, and passed
+    assert {"fold", "fold_backward"} | ({"entropy"} if precision == "bf16" else set()) <= checked, checked
+    assert all(triton_ops._CHECKED.values()), triton_ops._CHECKED
+
+
+@pytest.mark.parametrize("mode", ["in place, grads there", "in place, no grads", "autograd"])
+def test_a_fold_kernel_with_wrong_values_is_caught_at_its_first_use(mode, monkeypatch):
+    """A fold kernel that computes wrong values on some GPU (faked on the CPU: the torch form with v 1.5x) is
+    compared with the torch form the first time it runs at a launch shape: one warning each for the forward and
+    the backward, the torch form's values and gradients (B's written into .grad where the kernel had put its
+    own), and the torch form at that shape from then on (the kernel not called again). A right kernel passes its
+    check once, with no warning, and is used from then on."""
+    import warnings
+
+    from engine.adapters import triton_ops
+    from engine.adapters.base import FoldVectors
+
+    gen = torch.Generator().manual_seed(5)
+    n, d, r = 3, 20, 6
+    ups0 = [torch.randn(d, r, generator=gen) for _ in range(n)]
+    vecs0 = [torch.rand(r, generator=gen) for _ in range(n)]
+    w = torch.randn(n, d, r, generator=gen)
+    calls, kernel = [], {"on": False, "factor": 1.0}
+
+    def fake_fwd(ups, vecs, scale, dtype):
+        calls.append("forward")
+        return (torch.stack(ups) * (vecs * scale * kernel["factor"])[:, None, :]).to(dtype)
+
+    def fake_bwd(g, ups, vecs, scale, need_up, need_vec, into=None, accumulate=True):
+        calls.append("backward")
+        g = g.float()
+        gup = g * (vecs * scale * kernel["factor"])[:, None, :]
+        gvec = (g * torch.stack(ups)).sum(1) * scale * kernel["factor"] if need_vec else None
+        if into is not None:
+            for x, y in zip(into, gup.unbind(0), strict=True):
+                x.add_(y) if accumulate else x.copy_(y)
+            gup = None
+        return gup, gvec
+
+    monkeypatch.setattr(triton_ops, "fold_ok", lambda ups, vecs: kernel["on"])
+    monkeypatch.setattr(triton_ops, "fold_vectors", fake_fwd)
+    monkeypatch.setattr(triton_ops, "fold_vectors_backward", fake_bwd)
+
+    def run():
+        ups = [u.clone().requires_grad_() for u in ups0]
+        vecs = [v.clone().requires_grad_() for v in vecs0]
+        if mode == "in place, grads there":
+            for t in ups + vecs:
+                t.grad = torch.full_like(t, 0.5)
+        out = FoldVectors.apply(0.7, torch.bfloat16, n, mode != "autograd", *ups, *vecs)
+        (out.float() * w).sum().backward()
+        return out.detach(), torch.stack([t.grad for t in ups]), torch.stack([t.grad for t in vecs])
+
+    want = run()  # the torch form
+    assert not calls
+    for factor in (1.5, 1.0):
+        monkeypatch.setattr(triton_ops, "_CHECKED", {})
+        kernel.update(on=True, factor=factor)
+        for attempt in range(2):
+            calls.clear()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                got = run()
+            messages = [str(x.message) for x in seen if issubclass(x.category, RuntimeWarning)]
+            for a, b in zip(got, want, strict=True):
+                assert torch.equal(a, b), (factor, attempt)
+            if factor == 1.5 and attempt == 0:
+                assert calls == ["forward", "backward"]
+                assert len(messages) == 2 and "forward" in messages[0] and "backward" in messages[1]
+                assert all("against the torch form" in m and "0.5" in m for m in messages), messages
+            elif factor == 1.5:
+                assert calls == [] and not messages  # that shape keeps the torch form
+            else:
+                assert calls == ["forward", "backward"] and not messages
+        assert all(ok == (factor == 1.0) for ok in triton_ops._CHECKED.values()) and len(triton_ops._CHECKED) == 2
+
+
+def test_kernel_check_figures():
+    """rel_error is ||got - want|| / ||want|| (0 for two zeros, inf for a NaN); verdict records the worst figure
+    of a launch key against its tolerance and says what went wrong."""
+    from engine.adapters import triton_ops
+
+    want = torch.tensor([3.0, 4.0])
+    assert float(triton_ops.rel_error(torch.tensor([3.0, 4.5]), want)) == pytest.approx(0.1)
+    assert float(triton_ops.rel_error(torch.zeros(2), torch.zeros(2))) == 0.0
+    assert float(triton_ops.rel_error(torch.tensor([float("nan"), 4.0]), want)) == math.inf
+    assert float(triton_ops.rel_error(torch.tensor([1.0, 0.0]), torch.zeros(2))) == math.inf
+    checked = {}
+    import unittest.mock
+    with unittest.mock.patch.object(triton_ops, "_CHECKED", checked):
+        assert triton_ops.to_check(("a",))
+        assert triton_ops.verdict(("a",), "k", [torch.tensor(0.01), torch.tensor(0.02)], 0.05) is None
+        wrong = triton_ops.verdict(("b",), "k", [torch.tensor(0.01), torch.tensor(math.inf)], 0.05)
+        assert wrong == "k: relative error inf against the torch form (tolerance 0.05)"
+        assert checked == {("a",): True, ("b",): False}
+        assert not triton_ops.to_check(("a",)) and not triton_ops.failed(("a",)) and triton_ops.failed(("b",))
+
+
+@pytest.mark.parametrize("stage", ["forward", "backward"])
+@pytest.mark.parametrize("kernel_device", _kernel_params(), indirect=True)
+def test_kernel_fused_entropy_with_wrong_values_is_caught_at_its_first_use(kernel_device, stage, monkeypatch):
+    """A fused entropy kernel whose values are off at some shapes (here the real kernel's H 1% high, or its q
+    gradients 10% high) fails its first-use check against the torch maths: one warning, the score buffer and row
+    kernels' values and gradients, and those sizes retired; the real kernels pass their checks."""
+    from engine.adapters import triton_ops
+    from engine.adapters.lora2 import batched_token_entropies
+
+    monkeypatch.setattr(triton_ops, "_FUSED_FAILED", set())
+    monkeypatch.setattr(triton_ops, "_CHECKED", {})
+    shape = (1, 200, 77, 2, 16)
+
+    def run():
+        views = [_stacked_views(*shape, kernel_device, seed=i) for i in range(2)]
+        ent = batched_token_entropies([(qv, kv, 0.3) for _, _, qv, kv in views])
+        torch.autograd.backward(ent, [torch.ones_like(e) for e in ent])
+        return torch.stack(ent).detach(), [t.grad.clone() for v in views for t in v[:2]]
+
+    monkeypatch.setattr(triton_ops, "FUSED_ENTROPY", False)
+    ref_ent, ref_grads = run()  # the row kernels
+    monkeypatch.setattr(triton_ops, "FUSED_ENTROPY", True)
+    run()
+    assert len(triton_ops._CHECKED) == 2 and all(triton_ops._CHECKED.values())  # the real kernels pass
+    assert not triton_ops._FUSED_FAILED
+    monkeypatch.setattr(triton_ops, "_CHECKED", {})
+    name = "attn_entropy" if stage == "forward" else "attn_entropy_backward"
+    real = getattr(triton_ops, name)
+
+    def off(*args):
+        out = real(*args)
+        if stage == "forward":
+            return out[0] * 1.01, out[1]
+        return [d * 1.1 for d in out[0]], out[1]
+
+    monkeypatch.setattr(triton_ops, name, off)
+    with pytest.warns(RuntimeWarning, match=f"the {stage}: relative error"):
+        got_ent, got_grads = run()
+    if stage == "forward":
+        assert torch.equal(got_ent, ref_ent)
+    else:  # the fused forward's values (fp32 scores); the backward recomputes lse and H with the row kernels
+        assert torch.allclose(got_ent, ref_ent, rtol=2e-3, atol=1e-5)
+    for a, b in zip(got_grads, ref_grads, strict=True):
+        assert torch.equal(a, b)
+    q, k = _stacked_views(*shape, kernel_device, seed=0)[2:]
+    assert not triton_ops.fused_entropy_ok(q, k)  # retired for these sizes
+    assert False in triton_ops._CHECKED.values()
 
 
 def test_fold_kernels_take_only_what_they_can(monkeypatch):

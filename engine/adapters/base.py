@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -338,10 +339,16 @@ class FoldVectors(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scale, dtype, n, in_place, *tensors):
         ups, vecs = tensors[:n], tensors[n:]
-        if triton_ops.fold_ok(ups, vecs):  # CUDA: one pass over the B_i, straight into the compute dtype
+        key = ("fold", ups[0].device, ups[0].shape, n, dtype)
+        out = None
+        if triton_ops.fold_ok(ups, vecs) and not triton_ops.failed(key):  # CUDA: one pass, into the compute dtype
             out = triton_ops.fold_vectors(ups, torch.stack(vecs), scale, dtype)
-        else:
-            out = (torch.stack(ups) * (torch.stack(vecs) * scale)[:, None, :]).to(dtype)
+            if triton_ops.to_check(key):
+                want = _fold_torch(ups, vecs, scale, dtype)
+                if _fold_mismatch(key, "forward", [triton_ops.rel_error(out, want)]):
+                    out = want
+        if out is None:
+            out = _fold_torch(ups, vecs, scale, dtype)
         ctx.save_for_backward(*tensors)
         ctx.scale, ctx.n = scale, n
         ctx.into = [bool(in_place) and all(t.is_leaf and t.requires_grad for t in part) for part in (ups, vecs)]
@@ -354,12 +361,10 @@ class FoldVectors(torch.autograd.Function):
         n, s = ctx.n, ctx.scale
         ups, vecs = tensors[:n], tensors[n:]
         need_up, need_vec = any(ctx.needs_input_grad[4:4 + n]), any(ctx.needs_input_grad[4 + n:])
+        out = None
         if triton_ops.fold_ok(ups, vecs):  # CUDA: one pass; B's gradients may already be in their .grad
-            gup, gvec = _fold_backward_kernel(ctx, g, ups, vecs, need_up, need_vec)
-        else:
-            g = g.to(ups[0].dtype)
-            gup = g * (torch.stack(vecs).to(g.dtype) * s)[:, None, :] if need_up else None
-            gvec = (g * torch.stack(ups)).sum(1) * s if need_vec else None
+            out = _fold_backward_kernel(ctx, g, ups, vecs, need_up, need_vec)
+        gup, gvec = out if out is not None else _fold_backward_torch(g, ups, vecs, s, need_up, need_vec)
         grad_ups = grad_vecs = (None,) * n
         if gup is not None:
             grad_ups = gup.unbind(0)
@@ -372,12 +377,35 @@ class FoldVectors(torch.autograd.Function):
         return None, None, None, None, *grad_ups, *grad_vecs
 
 
+def _fold_torch(ups, vecs, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """FoldVectors' forward in torch: (n, d, r) in dtype of B_i * (v_i * scale)."""
+    return (torch.stack(ups) * (torch.stack(vecs) * scale)[:, None, :]).to(dtype)
+
+
+def _fold_backward_torch(g, ups, vecs, scale: float, need_up: bool, need_vec: bool):
+    """FoldVectors' backward in torch -> (B's gradients (n, d, r) or None, v's (n, r) or None), in B's dtype."""
+    g = g.to(ups[0].dtype)
+    gup = g * (torch.stack(vecs).to(g.dtype) * scale)[:, None, :] if need_up else None
+    gvec = (g * torch.stack(ups)).sum(1) * scale if need_vec else None
+    return gup, gvec
+
+
+def _fold_mismatch(key: tuple, what: str, errors: list[torch.Tensor]) -> bool:
+    """Records the first-use check of a fold kernel (triton_ops.verdict) and warns on wrong values: that launch
+    shape takes the torch form from then on."""
+    wrong = triton_ops.verdict(key, f"the fold kernel's {what} for {key[3]} layers of {tuple(key[2])}", errors, 1e-2)
+    if wrong:
+        warnings.warn(f"{wrong} on {key[1]}: using the torch form there", RuntimeWarning, stacklevel=3)
+    return wrong is not None
+
+
 def _fold_backward_kernel(ctx, g, ups, vecs, need_up: bool, need_vec: bool):
     """FoldVectors' backward products through triton_ops.fold_vectors_backward (one launch) -> (B's gradients
-    (n, d, r) or None, v's (n, r) or None). B's gradients that go into .grad (in_place) are written there by the
-    kernel and come back None: added when every B has one it can take (the trainer's steps), stored into new
-    tensors that become the .grad when none has one yet (an eager step after zero_grad(set_to_none=True)); with
-    some there and some not, they come back for add_into_grads."""
+    (n, d, r) or None, v's (n, r) or None), or None where this launch shape failed its first-use check (the torch
+    form then). B's gradients that go into .grad (in_place) are written there by the kernel and come back None:
+    added when every B has one it can take (the trainer's steps), stored into new tensors that become the .grad
+    when none has one yet (an eager step after zero_grad(set_to_none=True)); with some there and some not, they
+    come back for add_into_grads."""
     grads = [p.grad for p in ups]
     into, accumulate = None, True
     if need_up and ctx.into[0]:
@@ -386,8 +414,28 @@ def _fold_backward_kernel(ctx, g, ups, vecs, need_up: bool, need_vec: bool):
         elif all(x is not None and x.dtype == torch.float32 and x.is_contiguous() and x.shape == ups[0].shape
                  for x in grads) and triton_ops.aligned(grads):
             into = grads
+    key = ("fold_backward", ups[0].device, ups[0].shape, len(ups), g.dtype, need_up, need_vec, into is not None,
+           accumulate)
+    if triton_ops.failed(key):
+        return None
+    check = triton_ops.to_check(key)
+    before = torch.stack(into) if check and into is not None and accumulate else None
     gup, gvec = triton_ops.fold_vectors_backward(g, ups, torch.stack(vecs), ctx.scale, need_up, need_vec, into,
                                                  accumulate)
+    if check:  # the first launch at this shape: against the torch form (into: what .grad should now hold)
+        want_up, want_vec = _fold_backward_torch(g, ups, vecs, ctx.scale, need_up, need_vec)
+        if into is not None and before is not None:
+            want_up = want_up + before
+        errors = [triton_ops.rel_error(torch.stack(into) if into is not None else gup, want_up)] if need_up else []
+        errors += [triton_ops.rel_error(gvec, want_vec)] if need_vec else []
+        if _fold_mismatch(key, "backward", errors):
+            if into is not None:
+                for x, want in zip(into, want_up.unbind(0), strict=True):
+                    x.copy_(want)
+                gup = None
+            else:
+                gup = want_up
+            gvec = want_vec
     if into is not None and not accumulate:
         for p, x in zip(ups, into, strict=True):
             p.grad = x

@@ -348,11 +348,13 @@ def _softmax_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, torch.float32)  # bf16 maps in fp32, float64 (the tests) stays float64
 
 
-def _fused(fn, qs, ks, *args):
+def _fused(fn, qs, ks, *args, check=None, rtol: float = 0.0, what: str = ""):
     """fn(qs, ks, *args), a fused entropy kernel, or None where it raised outside a graph capture (these sizes
-    could not compile or get their resources on this GPU: triton_ops.fused_failed warns and retires them)."""
+    could not compile or get their resources on this GPU: triton_ops.fused_failed warns and retires them) or
+    where its first result at these shapes is not within rtol of the torch form: check(out) -> one
+    triton_ops.rel_error per layer (see _entropy_reference); what names the kernel in the warning."""
     try:
-        return fn(qs, ks, *args)
+        out = fn(qs, ks, *args)
     except torch.OutOfMemoryError:
         raise  # not these sizes' fault (and the score-buffer path needs more memory, not less)
     except Exception as e:  # noqa: BLE001 - a compile, resource or launch failure: the score-buffer path instead
@@ -360,6 +362,49 @@ def _fused(fn, qs, ks, *args):
             raise  # the trainer falls back to eager steps, which come back here
         triton_ops.fused_failed(qs[0], ks[0], e)
         return None
+    key = ("entropy", what, qs[0].device, qs[0].dtype, qs[0].shape, ks[0].shape, qs[0].stride(),
+           ks[0].stride(), len(qs))
+    if check is not None and triton_ops.to_check(key):
+        wrong = triton_ops.verdict(key, what, check(out), rtol)
+        if wrong:
+            triton_ops.fused_failed(qs[0], ks[0], ValueError(wrong))
+            return None
+    return out
+
+
+def _entropy_reference(q: torch.Tensor, k: torch.Tensor, scale: float, w: torch.Tensor | None = None):
+    """One layer's row entropies of softmax(scale k q^T) over image positions from fp32 copies of q (B, h, N, hd)
+    and k (B, h, T, hd) -> (H (B * h, T), and with w the gradients w g^T k and w g q, g = p (log p + H), shaped as
+    q and k): the plain torch maths the fused kernels are checked against at their first use."""
+    qf, kf = q.float(), k.float()
+    logp = torch.log_softmax(torch.matmul(kf, qf.transpose(-1, -2)) * scale, -1)
+    p = logp.exp()
+    ent = -(p * logp).sum(-1)
+    if w is None:
+        return ent.reshape(-1, ent.shape[-1]), None, None
+    g = p.mul_(logp.add_(ent[..., None]))
+    return ent.reshape(-1, ent.shape[-1]), torch.matmul(g.transpose(-1, -2), kf) * w, torch.matmul(g, qf) * w
+
+
+def _forward_errors(qs, ks, scale: float):
+    """check for _fused(triton_ops.attn_entropy): each layer's H against _entropy_reference."""
+    def errors(out):
+        rows = out[0].view(len(qs), -1, out[0].shape[-1])
+        return [triton_ops.rel_error(rows[i], _entropy_reference(q, k, scale)[0])
+                for i, (q, k) in enumerate(zip(qs, ks, strict=True))]
+    return errors
+
+
+def _backward_errors(qs, ks, w: torch.Tensor, scale: float):
+    """check for _fused(triton_ops.attn_entropy_backward): each layer's dq and dk against _entropy_reference."""
+    def errors(out):
+        found = []
+        for i, (q, k) in enumerate(zip(qs, ks, strict=True)):
+            _, dq, dk = _entropy_reference(q, k, scale, w[i])
+            found += [triton_ops.rel_error(out[0][i].transpose(1, 2), dq),
+                      triton_ops.rel_error(out[1][i].transpose(1, 2), dk)]
+        return found
+    return errors
 
 
 class GroupEntropy(torch.autograd.Function):
@@ -383,7 +428,9 @@ class GroupEntropy(torch.autograd.Function):
         same_strides = all(q.stride() == qs[0].stride() for q in qs) and all(k.stride() == ks[0].stride() for k in ks)
         ctx.fused = same_strides and triton_ops.fused_entropy_ok(qs[0], ks[0])  # a launch reads all with q_1's strides
         with torch.autocast(qs[0].device.type, enabled=False):
-            out = _fused(triton_ops.attn_entropy, qs, ks, scale) if ctx.fused else None  # no score map at all
+            out = (_fused(triton_ops.attn_entropy, qs, ks, scale, check=_forward_errors(qs, ks, scale), rtol=1e-3,
+                           what="the forward")
+                   if ctx.fused else None)  # no score map at all
             ctx.fused = out is not None
             if out is not None:
                 ent, lse = out  # (L * M, T) each
@@ -407,7 +454,9 @@ class GroupEntropy(torch.autograd.Function):
             if lse is not None:  # Triton kernels
                 w = g.float() * (-ctx.scale / rows)
                 if ctx.fused and not triton_ops.fused_retired(qs[0], ks[0]):  # dz formed tile by tile, used at
-                    out = _fused(triton_ops.attn_entropy_backward, qs, ks, lse, ent, w, ctx.scale)  # once
+                    out = _fused(triton_ops.attn_entropy_backward, qs, ks, lse, ent, w, ctx.scale,  # once
+                                 check=_backward_errors(qs, ks, w, ctx.scale), rtol=2e-2,
+                                 what="the backward")
                     if out is not None:
                         return None, None, *(d.transpose(1, 2) for d in out[0]), *(d.transpose(1, 2) for d in out[1])
                 z = _scores(qs, ks)  # the kernel turns the recomputed scores into p (log p + H) in place, one pass

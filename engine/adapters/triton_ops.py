@@ -242,6 +242,38 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+# --- first-use check: each new launch shape is compared once with its torch form ------------------------------
+CHECK_FIRST_USE = True  # False: trust the kernels without comparing (the bench's kernel timings may set it)
+_CHECKED: dict[tuple, bool] = {}  # launch key -> did the kernel's first result there match its torch form?
+
+
+def to_check(key: tuple) -> bool:
+    """Whether the kernel at this launch key (family, device, shapes, variant) is to be compared with its torch
+    form now: the first time it runs there, and not inside a CUDA graph capture (the comparison syncs once)."""
+    return CHECK_FIRST_USE and key not in _CHECKED and not capturing()
+
+
+def failed(key: tuple) -> bool:
+    """Whether the kernel at this launch key gave wrong values at its check: the caller uses its torch form."""
+    return _CHECKED.get(key) is False
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """||got - want|| / ||want|| in float64 on the device (0 where equal, inf for any NaN or a zero want): no sync."""
+    diff, norm = (got.double() - want.double()).norm(), want.double().norm()
+    err = torch.where(diff == 0, torch.zeros_like(diff), diff / norm)  # x / 0 = inf
+    return torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)
+
+
+def verdict(key: tuple, what: str, errors: list[torch.Tensor], rtol: float) -> str | None:
+    """Records the check of a kernel's first result at this launch key from its rel_error figures (one host
+    sync): None when all are within rtol, else what went wrong, for the caller's warning. A GPU, driver or Triton
+    version on which a kernel computes wrong values then trains with the torch form, not with wrong gradients."""
+    worst = float(torch.stack([e.reshape(()) for e in errors]).max()) if errors else 0.0
+    _CHECKED[key] = ok = worst <= rtol
+    return None if ok else f"{what}: relative error {worst:.3g} against the torch form (tolerance {rtol:g})"
+
+
 def _table(ptrs: list[int], device: torch.device) -> torch.Tensor:
     """The int64 device tensor of these pointers, made once per pointer list. A new one is copied from pinned
     memory without a host sync (eager steps whose activations or gradients move get new tables). A table that a
