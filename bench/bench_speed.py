@@ -389,6 +389,14 @@ def markdown(results, device_name: str) -> str:
     return "\n".join(lines)
 
 
+def kernel_checks() -> dict:
+    """The Triton kernels' first-use checks in this process (triton_ops.verdict): how many launch shapes passed,
+    and which failed (those ran their torch form: a failed one means the timings are not the kernels')."""
+    from engine.adapters import triton_ops
+    return {"passed": sum(triton_ops._CHECKED.values()),
+            "failed": [str(k) for k, ok in triton_ops._CHECKED.items() if not ok]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -435,7 +443,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    (out / f"results_{device}.json").write_text(json.dumps({"device": name, "results": results}, indent=1))
+    checks = kernel_checks()
+    print("kernel checks:", json.dumps(checks), flush=True)
+    (out / f"results_{device}.json").write_text(json.dumps({"device": name, "results": results,
+                                                            "kernel_checks": checks}, indent=1))
     md = markdown(results, name)
     (out / f"results_{device}.md").write_text(md + "\n")
     print(md)

@@ -32,8 +32,8 @@ if [[ $PART == tests || $PART == all ]]; then
   tail -12 "$OUT/pytest_gpu.txt"
 fi
 if [[ $PART == bench || $PART == all ]]; then
-  timeout 240 python bench/bench_speed.py --only-graphs --arch sd15 sdxl --out "$OUT/speed" | grep -E "^\||layers|entropy"
-  timeout 150 python bench/bench_speed.py --ablation --arch sdxl --out "$OUT/ablation" | grep -E "^\||entropy"
+  timeout 240 python bench/bench_speed.py --only-graphs --arch sd15 sdxl --out "$OUT/speed" | grep -E "^\||layers|entropy|checks"
+  timeout 150 python bench/bench_speed.py --ablation --arch sdxl --out "$OUT/ablation" | grep -E "^\||entropy|checks"
 fi
 if [[ $PART == trainer || $PART == all ]]; then
   timeout 220 python bench/train_gpu.py --arch sd15 sdxl --rank 16 64 --steps 25 --floor --no-gc-sweep \

@@ -220,6 +220,11 @@ def main() -> None:
                             print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
         del pipe
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if state.is_main_process:
+        from bench_speed import kernel_checks
+        checks = kernel_checks()  # a failed one ran its torch form: its rows are not the kernels' times
+        print(json.dumps({"kernel_checks": checks}), flush=True)
+        results.append({"kernel_checks": checks})
     if args.out and state.is_main_process:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
