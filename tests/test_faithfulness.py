@@ -1522,8 +1522,9 @@ def test_a_fold_kernel_with_wrong_values_is_caught_at_its_first_use(mode, monkey
 
 
 def test_kernel_check_figures():
-    """rel_error is ||got - want|| / ||want|| (0 for two zeros, inf for a NaN); verdict records the worst figure
-    of a launch key against its tolerance and says what went wrong."""
+    """rel_error is ||got - want|| / ||want|| (0 for two zeros, inf for a NaN in got, NaN for one in want);
+    verdict records the worst figure of a launch key against its tolerance and says what went wrong, and records
+    nothing from a NaN figure."""
     from engine.adapters import triton_ops
 
     want = torch.tensor([3.0, 4.0])
@@ -1531,6 +1532,7 @@ def test_kernel_check_figures():
     assert float(triton_ops.rel_error(torch.zeros(2), torch.zeros(2))) == 0.0
     assert float(triton_ops.rel_error(torch.tensor([float("nan"), 4.0]), want)) == math.inf
     assert float(triton_ops.rel_error(torch.tensor([1.0, 0.0]), torch.zeros(2))) == math.inf
+    assert math.isnan(triton_ops.rel_error(want, torch.tensor([float("inf"), 4.0])))  # no verdict on bad inputs
     checked = {}
     import unittest.mock
     with unittest.mock.patch.object(triton_ops, "_CHECKED", checked):
@@ -1539,6 +1541,8 @@ def test_kernel_check_figures():
         wrong = triton_ops.verdict(("b",), "k", [torch.tensor(0.01), torch.tensor(math.inf)], 0.05)
         assert wrong == "k: relative error inf against the torch form (tolerance 0.05)"
         assert checked == {("a",): True, ("b",): False}
+        assert triton_ops.verdict(("c",), "k", [torch.tensor(math.inf), torch.tensor(math.nan)], 0.05) is None
+        assert ("c",) not in checked and triton_ops.to_check(("c",))  # checked again at its next launch
         assert not triton_ops.to_check(("a",)) and not triton_ops.failed(("a",)) and triton_ops.failed(("b",))
 
 

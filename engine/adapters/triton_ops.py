@@ -259,17 +259,24 @@ def failed(key: tuple) -> bool:
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
-    """||got - want|| / ||want|| in float64 on the device (0 where equal, inf for any NaN or a zero want): no sync."""
-    diff, norm = (got.double() - want.double()).norm(), want.double().norm()
+    """||got - want|| / ||want|| in float64 on the device, no host sync: 0 where equal, inf where got has a NaN or
+    inf or want is zero and got is not; NaN (no verdict) where want itself is not finite (the inputs were)."""
+    got, want = got.double(), want.double()
+    diff, norm = (got - want).norm(), want.norm()
     err = torch.where(diff == 0, torch.zeros_like(diff), diff / norm)  # x / 0 = inf
-    return torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)
+    err = torch.where(torch.isfinite(got).all(), err, torch.full_like(err, math.inf))
+    return torch.where(torch.isfinite(want).all(), err, torch.full_like(err, math.nan))
 
 
 def verdict(key: tuple, what: str, errors: list[torch.Tensor], rtol: float) -> str | None:
     """Records the check of a kernel's first result at this launch key from its rel_error figures (one host
     sync): None when all are within rtol, else what went wrong, for the caller's warning. A GPU, driver or Triton
-    version on which a kernel computes wrong values then trains with the torch form, not with wrong gradients."""
-    worst = float(torch.stack([e.reshape(()) for e in errors]).max()) if errors else 0.0
+    version on which a kernel computes wrong values then trains with the torch form, not with wrong gradients.
+    A NaN figure (non-finite inputs, say a diverged step) records nothing: the next launch there is checked."""
+    figures = torch.stack([e.reshape(()) for e in errors]).tolist() if errors else []
+    if any(math.isnan(x) for x in figures):
+        return None
+    worst = max(figures, default=0.0)
     _CHECKED[key] = ok = worst <= rtol
     return None if ok else f"{what}: relative error {worst:.3g} against the torch form (tolerance {rtol:g})"
 
