@@ -1533,6 +1533,8 @@ def test_kernel_check_figures():
     assert float(triton_ops.rel_error(torch.tensor([float("nan"), 4.0]), want)) == math.inf
     assert float(triton_ops.rel_error(torch.tensor([1.0, 0.0]), torch.zeros(2))) == math.inf
     assert math.isnan(triton_ops.rel_error(want, torch.tensor([float("inf"), 4.0])))  # no verdict on bad inputs
+    tiny = torch.tensor([3e-30, 4e-30])  # squares below fp32's smallest normal: still measured, not 0 / 0
+    assert float(triton_ops.rel_error(tiny * 1.1, tiny)) == pytest.approx(0.1, rel=1e-4)
     checked = {}
     import unittest.mock
     with unittest.mock.patch.object(triton_ops, "_CHECKED", checked):

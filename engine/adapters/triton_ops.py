@@ -259,10 +259,13 @@ def failed(key: tuple) -> bool:
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
-    """||got - want|| / ||want|| in float64 on the device, no host sync: 0 where equal, inf where got has a NaN or
-    inf or want is zero and got is not; NaN (no verdict) where want itself is not finite (the inputs were)."""
-    got, want = got.double(), want.double()
-    diff, norm = (got - want).norm(), want.norm()
+    """||got - want|| / ||want|| on the device, no host sync: 0 where equal, inf where got has a NaN or inf or want
+    is zero and got is not; NaN (no verdict) where want itself is not finite (the inputs were). In fp32 after
+    dividing both by max |want|, so that tiny gradients (LoRA²'s entropy term, ~1e-12) neither underflow to a
+    zero norm nor need a float64 copy."""
+    got, want = got.float(), want.float()
+    top = want.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    diff, norm = (got - want).div_(top).norm(), (want / top).norm()
     err = torch.where(diff == 0, torch.zeros_like(diff), diff / norm)  # x / 0 = inf
     err = torch.where(torch.isfinite(got).all(), err, torch.full_like(err, math.inf))
     return torch.where(torch.isfinite(want).all(), err, torch.full_like(err, math.nan))
