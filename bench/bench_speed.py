@@ -393,8 +393,13 @@ def kernel_checks() -> dict:
     """The Triton kernels' first-use checks in this process (triton_ops.verdict): how many launch shapes passed,
     and which failed (those ran their torch form: a failed one means the timings are not the kernels')."""
     from engine.adapters import triton_ops
+    worst: dict[str, float] = {}
+    for key, err in triton_ops.ERRORS.items():
+        name = " ".join(str(x) for x in key[:2])  # family and what
+        worst[name] = max(worst.get(name, 0.0), err)
     return {"passed": sum(triton_ops._CHECKED.values()),
-            "failed": [str(k) for k, ok in triton_ops._CHECKED.items() if not ok]}
+            "failed": [str(k) for k, ok in triton_ops._CHECKED.items() if not ok],
+            "worst_relative_error": worst}
 
 
 def main(argv=None) -> int:

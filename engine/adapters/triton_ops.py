@@ -245,6 +245,7 @@ def capturing() -> bool:
 # --- first-use check: each new launch shape is compared once with its torch form ------------------------------
 CHECK_FIRST_USE = True  # False: trust the kernels without comparing (the bench's kernel timings may set it)
 _CHECKED: dict[tuple, bool] = {}  # launch key -> did the kernel's first result there match its torch form?
+ERRORS: dict[tuple, float] = {}  # launch key -> the worst relative error its check measured (for the bench)
 
 
 def to_check(key: tuple) -> bool:
@@ -280,6 +281,7 @@ def verdict(key: tuple, what: str, errors: list[torch.Tensor], rtol: float) -> s
     if any(math.isnan(x) for x in figures):
         return None
     worst = max(figures, default=0.0)
+    ERRORS[key] = worst
     _CHECKED[key] = ok = worst <= rtol
     return None if ok else f"{what}: relative error {worst:.3g} against the torch form (tolerance {rtol:g})"
 
