@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from engine import data as data_mod
 from engine import events as ev
 from engine import models, runs, speed, step_graph
-from engine.adapters import inject
+from engine.adapters import inject, triton_ops
 from engine.adapters.fused import out_dtype_ok
 from engine.optim import SlotAdamW
 from engine.train_config import AUTOCAST, PRECISIONS, TrainConfig
@@ -304,6 +304,7 @@ def train(config: TrainConfig, emit: Emit | None = None, stop: threading.Event |
             runs.atomic_write_json(run / runs.CONFIG, config.to_dict())
     log = _Log(run, emit, main=main)
     s = None
+    triton_ops.take_notices()  # what earlier work in this process reported (it was warned then) is not this run's
     try:
         s = _setup(config, pipeline)
         # in one process outside compile, the factors' gradients go into .grad from the backward's own GEMMs (DDP's
@@ -386,6 +387,8 @@ def _loop(s: _Session, cfg: TrainConfig, run: runs.RunFolder, log: _Log, stop: t
             step_graph.set_lr(group, base * factor)
         loss, terms = _optimizer_step(s, cfg, micro, log)
         s.step += 1
+        for text in triton_ops.take_notices():  # a kernel fell back to its torch form: slower, say why
+            log(ev.Notice(s.step, text))
         s.loss_sum, s.loss_count = s.loss_sum + loss, s.loss_count + 1
         ranks = s.adapters.device_ranks()
         pending.append((s.step, epoch, cfg.lr * factor, list(terms), *_to_host(loss, terms, ranks), ranks is not None))

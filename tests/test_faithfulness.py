@@ -1521,15 +1521,16 @@ def test_a_fold_kernel_with_wrong_values_is_caught_at_its_first_use(mode, monkey
         assert all(ok == (factor == 1.0) for ok in triton_ops._CHECKED.values()) and len(triton_ops._CHECKED) == 2
 
 
-def test_kernel_check_figures():
-    """rel_error is ||got - want|| / ||want|| (0 for two zeros, inf for a NaN in got, NaN for one in want);
-    verdict records the worst figure of a launch key against its tolerance and says what went wrong, and records
-    nothing from a NaN figure."""
+def test_kernel_check_figures(monkeypatch):
+    """rel_error is ||got - want|| / ||want|| (inf for a NaN in got; NaN, saying nothing, for one in want or for
+    two zeros); verdict records the worst figure of a launch key against its tolerance and says what went wrong,
+    ignores NaN figures, and checks a key whose figures all say nothing again, CHECK_TRIES times at most."""
     from engine.adapters import triton_ops
 
     want = torch.tensor([3.0, 4.0])
     assert float(triton_ops.rel_error(torch.tensor([3.0, 4.5]), want)) == pytest.approx(0.1)
-    assert float(triton_ops.rel_error(torch.zeros(2), torch.zeros(2))) == 0.0
+    assert float(triton_ops.rel_error(want.clone(), want)) == 0.0
+    assert math.isnan(triton_ops.rel_error(torch.zeros(2), torch.zeros(2)))  # says nothing (factors at init)
     assert float(triton_ops.rel_error(torch.tensor([float("nan"), 4.0]), want)) == math.inf
     assert float(triton_ops.rel_error(torch.tensor([1.0, 0.0]), torch.zeros(2))) == math.inf
     assert math.isnan(triton_ops.rel_error(want, torch.tensor([float("inf"), 4.0])))  # no verdict on bad inputs
@@ -1543,8 +1544,16 @@ def test_kernel_check_figures():
         wrong = triton_ops.verdict(("b",), "k", [torch.tensor(0.01), torch.tensor(math.inf)], 0.05)
         assert wrong == "k: relative error inf against the torch form (tolerance 0.05)"
         assert checked == {("a",): True, ("b",): False}
-        assert triton_ops.verdict(("c",), "k", [torch.tensor(math.inf), torch.tensor(math.nan)], 0.05) is None
-        assert ("c",) not in checked and triton_ops.to_check(("c",))  # checked again at its next launch
+        # NaN figures are ignored: the others decide (inf: wrong) ...
+        assert triton_ops.verdict(("c",), "k", [torch.tensor(math.inf), torch.tensor(math.nan)], 0.05)
+        assert checked[("c",)] is False
+        # ... and where all say nothing, the key is checked again at its next launches, then trusted
+        monkeypatch.setattr(triton_ops, "_TRIES", {})
+        for _ in range(triton_ops.CHECK_TRIES - 1):
+            assert triton_ops.verdict(("d",), "k", [torch.tensor(math.nan)], 0.05) is None
+            assert ("d",) not in checked and triton_ops.to_check(("d",))
+        assert triton_ops.verdict(("d",), "k", [torch.tensor(math.nan)], 0.05) is None
+        assert checked[("d",)] is True and not triton_ops.to_check(("d",))
         assert not triton_ops.to_check(("a",)) and not triton_ops.failed(("a",)) and triton_ops.failed(("b",))
 
 

@@ -423,3 +423,43 @@ def test_gradients_in_place_on_while_training_and_off_after(model, dataset, tmp_
     with pytest.raises(RuntimeError, match="step failed"):
         train(config(model, dataset, tmp_path / "bad", method="lora"))
     assert calls == [True, False]
+
+
+def test_a_kernel_that_fails_its_check_changes_nothing_but_a_notice(model, dataset, tmp_path, monkeypatch):
+    """A fold kernel that computes wrong values on this machine (faked on the CPU: v taken 1.5x) is caught by its
+    first-use check: the run's losses and exported adapter equal those of a run without it, and the user is told
+    (a Notice event, which the studio and the CLI show, also in the run folder's events)."""
+    from engine.adapters import triton_ops
+
+    cfg = dict(method="tri_lora", steps=3, rank_every=0, seed=1)
+    plain = train(config(model, dataset, tmp_path / "plain", **cfg))
+
+    def wrong_fwd(ups, vecs, scale, dtype):
+        return (torch.stack(ups) * (vecs * scale * 1.5)[:, None, :]).to(dtype)
+
+    def wrong_bwd(g, ups, vecs, scale, need_up, need_vec, into=None, accumulate=True):
+        gup = g.float() * (vecs * scale * 1.5)[:, None, :]
+        gvec = (g.float() * torch.stack(ups)).sum(1) * scale * 1.5 if need_vec else None
+        if into is not None:
+            for x, y in zip(into, gup.unbind(0), strict=True):
+                x.add_(y) if accumulate else x.copy_(y)
+            gup = None
+        return gup, gvec
+
+    monkeypatch.setattr(triton_ops, "fold_ok", lambda ups, vecs: True)
+    monkeypatch.setattr(triton_ops, "fold_vectors", wrong_fwd)
+    monkeypatch.setattr(triton_ops, "fold_vectors_backward", wrong_bwd)
+    monkeypatch.setattr(triton_ops, "_CHECKED", {})
+    events = []
+    with pytest.warns(RuntimeWarning, match="against the torch form"):
+        faked = train(config(model, dataset, tmp_path / "faked", **cfg), emit=events.append)
+    notices = [e for e in events if isinstance(e, ev.Notice)]
+    assert notices and all("using the torch form there" in e.message for e in notices)
+    assert {"forward", "backward"} <= {w for e in notices for w in ("forward", "backward") if w in e.message}
+    assert any(json.loads(line)["type"] == "notice"
+               for line in (RunFolder(faked.run_dir) / "events.jsonl").read_text().splitlines())
+    losses = [[m["loss"] for m in RunFolder(r.run_dir).metrics()] for r in (plain, faked)]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    a, b = adapter_tensors(plain.run_dir), adapter_tensors(faked.run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not triton_ops.take_notices()  # the run took them all

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -395,7 +394,7 @@ def _fold_mismatch(key: tuple, what: str, errors: list[torch.Tensor]) -> bool:
     shape takes the torch form from then on."""
     wrong = triton_ops.verdict(key, f"the fold kernel's {what} for {key[3]} layers of {tuple(key[2])}", errors, 1e-2)
     if wrong:
-        warnings.warn(f"{wrong} on {key[1]}: using the torch form there", RuntimeWarning, stacklevel=3)
+        triton_ops.fall_back(f"{wrong} on {key[1]}: using the torch form there", stacklevel=3)
     return wrong is not None
 
 

@@ -32,6 +32,21 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 _WORKS: dict[torch.device, bool] = {}  # per device: did a first kernel compile and launch?
+_NOTICES: list[str] = []  # fallbacks not yet taken by the trainer (take_notices), which logs them for the user
+
+
+def fall_back(message: str, stacklevel: int = 2) -> None:
+    """A kernel gives way to its torch form (slower, same maths): a RuntimeWarning, and the message queued for the
+    trainer's run log (engine.train turns it into a Notice event: the studio and the CLI show it)."""
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+    _NOTICES.append(message)
+
+
+def take_notices() -> list[str]:
+    """The fallback messages since the last call (see fall_back), oldest first."""
+    out = _NOTICES[:]
+    del _NOTICES[:len(out)]
+    return out
 
 
 def _works_on(device: torch.device) -> bool:
@@ -61,8 +76,8 @@ def _works_on(device: torch.device) -> bool:
                 fold_vectors_backward(fold_vectors([b], v, 1.0, torch.bfloat16), [b], v, 1.0, True, True, [b.clone()])
                 ok = True
             except Exception as e:  # noqa: BLE001 - any compile or launch failure means: use the torch form
-                warnings.warn(f"Triton kernels unavailable on {device} ({type(e).__name__}: {str(e)[:200]}); "
-                              "LoRA² uses its slower torch form", RuntimeWarning, stacklevel=2)
+                fall_back(f"Triton kernels unavailable on {device} ({type(e).__name__}: {str(e)[:200]}); "
+                          "LoRA² and TriLoRA use their slower torch form", stacklevel=2)
                 ok = False
         _WORKS[device] = ok
     return ok
@@ -246,6 +261,7 @@ def capturing() -> bool:
 CHECK_FIRST_USE = True  # False: trust the kernels without comparing (the bench's kernel timings may set it)
 _CHECKED: dict[tuple, bool] = {}  # launch key -> did the kernel's first result there match its torch form?
 ERRORS: dict[tuple, float] = {}  # launch key -> the worst relative error its check measured (for the bench)
+_TRIES: dict[tuple, int] = {}  # launch key -> checks so far whose figures said nothing (see verdict)
 
 
 def to_check(key: tuple) -> bool:
@@ -260,27 +276,37 @@ def failed(key: tuple) -> bool:
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
-    """||got - want|| / ||want|| on the device, no host sync: 0 where equal, inf where got has a NaN or inf or want
-    is zero and got is not; NaN (no verdict) where want itself is not finite (the inputs were). In fp32 after
-    dividing both by max |want|, so that tiny gradients (LoRA²'s entropy term, ~1e-12) neither underflow to a
-    zero norm nor need a float64 copy."""
+    """||got - want|| / ||want|| on the device, no host sync: inf where got has a NaN or inf, or want is zero and
+    got is not; NaN (no verdict) where want is not finite (nor were the inputs) or where both are zero (the
+    factors at their init, say: a wrong kernel could give zero there too). In fp32 after dividing both by
+    max |want|, so that tiny gradients (LoRA²'s entropy term, ~1e-12) neither underflow to a zero norm nor need a
+    float64 copy."""
     got, want = got.float(), want.float()
     top = want.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
     diff, norm = (got - want).div_(top).norm(), (want / top).norm()
     err = torch.where(diff == 0, torch.zeros_like(diff), diff / norm)  # x / 0 = inf
+    err = torch.where(norm == 0, torch.where(diff == 0, torch.full_like(err, math.nan), err), err)
     err = torch.where(torch.isfinite(got).all(), err, torch.full_like(err, math.inf))
     return torch.where(torch.isfinite(want).all(), err, torch.full_like(err, math.nan))
+
+
+CHECK_TRIES = 3  # launches a key is checked at while its figures say nothing (NaN), before it is trusted
 
 
 def verdict(key: tuple, what: str, errors: list[torch.Tensor], rtol: float) -> str | None:
     """Records the check of a kernel's first result at this launch key from its rel_error figures (one host
     sync): None when all are within rtol, else what went wrong, for the caller's warning. A GPU, driver or Triton
     version on which a kernel computes wrong values then trains with the torch form, not with wrong gradients.
-    A NaN figure (non-finite inputs, say a diverged step) records nothing: the next launch there is checked."""
+    A figure that says nothing (NaN: zero or non-finite references) is ignored; where none says anything, the
+    key is checked again at its next launch, up to CHECK_TRIES launches (then trusted: no sync every step)."""
     figures = torch.stack([e.reshape(()) for e in errors]).tolist() if errors else []
-    if any(math.isnan(x) for x in figures):
+    known = [x for x in figures if not math.isnan(x)]
+    if not known and figures:
+        _TRIES[key] = tries = _TRIES.get(key, 0) + 1
+        if tries >= CHECK_TRIES:
+            _CHECKED[key] = True
         return None
-    worst = max(figures, default=0.0)
+    worst = max(known, default=0.0)
     ERRORS[key] = worst
     _CHECKED[key] = ok = worst <= rtol
     return None if ok else f"{what}: relative error {worst:.3g} against the torch form (tolerance {rtol:g})"
@@ -396,9 +422,9 @@ def fused_failed(q: torch.Tensor, k: torch.Tensor, error: Exception) -> None:
     these sizes): warn once; these sizes take the score buffer and row kernels from then on. Inside a capture the
     caller re-raises instead: the trainer then falls back to eager steps, where this is reached."""
     _FUSED_FAILED.add(_fused_key(q, k))
-    warnings.warn(f"LoRA²'s fused entropy kernels failed for heads of {q.shape[-1]} channels and {k.shape[-2]} "
-                  f"tokens on {q.device} ({type(error).__name__}: {str(error)[:200]}); using the score-buffer "
-                  "kernels there", RuntimeWarning, stacklevel=3)
+    fall_back(f"LoRA²'s fused entropy kernels failed for heads of {q.shape[-1]} channels and {k.shape[-2]} "
+              f"tokens on {q.device} ({type(error).__name__}: {str(error)[:200]}); using the score-buffer "
+              "kernels there", stacklevel=3)
 
 
 if triton is not None:
