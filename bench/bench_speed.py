@@ -369,6 +369,42 @@ def ratios(results):
         r["mem_vs_peft"] = r["peak_gib"] / p["peak_gib"] if p and p["peak_gib"] else None
 
 
+BARS = {"x_floor": 1.3, "mem_vs_peft": 1.0, "x_lora": 1.1, "svd_s": 0.3}  # ../shared/design/PERFORMANCE.md
+
+
+def bars(results) -> list[dict]:
+    """Issue 7's bars read off one run's rows (graph mode, no checkpointing: where the bars are read): every
+    method's step <= 1.3x the floor and its peak <= PEFT's; LoRA² and TriLoRA <= 1.1x our LoRA at the same rank;
+    an AC-LoRA restart and a full rank measurement <= 0.3 s on SDXL r64. One dict per bar: the cases it covers,
+    the worst case and figure, and whether it is met."""
+    ours = {(r["arch"], r["method"], r["rank"]): r for r in results
+            if r["kind"] == "ours" and r["mode"].endswith("graph") and not r["checkpointing"]
+            and r["name"] == f"{r['method']} r{r['rank']} bf16 graph"}
+    checks = {"step <= 1.3x the floor": [], "peak memory <= PEFT's": [], "LoRA², TriLoRA <= 1.1x our LoRA": [],
+              "AC-LoRA restart <= 0.3 s (SDXL r64)": [], "full rank measurement <= 0.3 s (SDXL r64)": []}
+    for (arch, method, rank), r in ours.items():
+        case = f"{arch} {method} r{rank}"
+        if r.get("x_floor") is not None:
+            checks["step <= 1.3x the floor"].append((case, r["x_floor"], BARS["x_floor"]))
+        if r.get("mem_vs_peft") is not None:
+            checks["peak memory <= PEFT's"].append((case, r["mem_vs_peft"], BARS["mem_vs_peft"]))
+        lora = ours.get((arch, "lora", rank))
+        if method in ("lora2", "tri_lora") and lora is not None:
+            checks["LoRA², TriLoRA <= 1.1x our LoRA"].append((case, r["step_s"] / lora["step_s"], BARS["x_lora"]))
+    for r in results:
+        if r["kind"] == "svd" and r["arch"] == "sdxl":
+            checks["AC-LoRA restart <= 0.3 s (SDXL r64)"].append((r["name"], r["ac_restart_s"], BARS["svd_s"]))
+            checks["full rank measurement <= 0.3 s (SDXL r64)"].append((r["name"], r["rank_measure_s"],
+                                                                        BARS["svd_s"]))
+    out = []
+    for bar, cases in checks.items():
+        if cases:
+            case, worst, limit = max(cases, key=lambda c: c[1] / c[2])
+            out.append({"bar": bar, "cases": len(cases), "worst_case": case, "worst": worst,
+                        "met": all(v <= lim for _, v, lim in cases)})
+    return out
+
+
 def markdown(results, device_name: str) -> str:
     lines = [f"Device: {device_name}; torch {torch.__version__}", "",
              "| case | arch | batch | step s | peak GiB | x floor (same mode) | x PEFT (autocast) | mem / PEFT |",
@@ -379,6 +415,12 @@ def markdown(results, device_name: str) -> str:
             continue
         lines.append(f"| {r['name']} | {r['arch']} | {r['batch']} | {r['step_s']:.4f} | {fmt(r['peak_gib'])} | "
                      f"{fmt(r.get('x_floor'))} | {fmt(r.get('x_peft'))} | {fmt(r.get('mem_vs_peft'))} |")
+    verdicts = bars(results)
+    if verdicts:
+        lines += ["", "Bars (graph mode, this run):", "", "| bar | cases | worst case | worst | met |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {b['bar']} | {b['cases']} | {b['worst_case']} | {b['worst']:.3f} | "
+                  f"{'yes' if b['met'] else '**no**'} |" for b in verdicts]
     for r in results:
         if r["kind"] == "svd":
             lines.append(f"\n{r['name']} ({r['layers']} layers): full rank measurement {r['rank_measure_s']:.3f} s, "
@@ -451,7 +493,8 @@ def main(argv=None) -> int:
     checks = kernel_checks()
     print("kernel checks:", json.dumps(checks), flush=True)
     (out / f"results_{device}.json").write_text(json.dumps({"device": name, "results": results,
-                                                            "kernel_checks": checks}, indent=1))
+                                                            "kernel_checks": checks, "bars": bars(results)},
+                                                           indent=1))
     md = markdown(results, name)
     (out / f"results_{device}.md").write_text(md + "\n")
     print(md)
