@@ -115,11 +115,13 @@ def floor_step(unet, inputs, autocast: bool, device: str, graphs: bool = False):
 
 
 def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None, graphs: bool = False,
-               clip: bool | str = False, rank_updates: bool | str = "sync-free", masked_adamw: bool = True):
-    """One training step: forward, loss (+ the method's terms), backward, AdamW (clip and zeroed gradients as in
-    the trainer when `clip`: SlotAdamW's clip where it has slots, as the trainer; "torch": torch's clip_grad_norm_
-    always, an ablation); `rank_updates`: LoRA²'s per-step rank update as the trainer runs it ("sync-free"),
-    with one host read a step (True), or skipped (False, an ablation); `masked_adamw`: LoRA²'s idle slots skipped
+               clip: bool | str = True, rank_updates: bool | str = "sync-free", masked_adamw: bool = True):
+    """One training step as the trainer runs it (engine/train.py's _update): forward, loss (+ the method's terms),
+    backward, the gradients' norm clipped to 1 (the trainer's default max_grad_norm; SlotAdamW's clip where it
+    has slots, else torch's clip_grad_norm_; "torch": torch's always, False: none, both ablations), AdamW, the
+    gradients zeroed (kept allocated under a graph, as the trainer's captured update does); `rank_updates`:
+    LoRA²'s per-step rank update as the trainer runs it ("sync-free"), with one host read a step (True), or
+    skipped (False, an ablation); `masked_adamw`: LoRA²'s idle slots skipped
     by the optimizer as in the trainer (engine/optim.py), or stepped like every other (False, an ablation)."""
     x, t, c, kw = inputs
     fused = device == "cuda"
@@ -144,8 +146,7 @@ def train_step(unet, inputs, params, autocast: bool, device: str, adapters=None,
         opt.step()
         if adapters is not None:
             adapters.refresh_shadows()
-        if not graphs or clip:
-            opt.zero_grad(set_to_none=not graphs)
+        opt.zero_grad(set_to_none=not graphs)
 
     def before():
         if adapters is not None and rank_updates:  # LoRA² rank update: outside any graph
@@ -182,7 +183,7 @@ def graphed(core, before):
 
 
 def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, rank=16, method=None, mode="bf16",
-             checkpointing=False, fused=True, graphs=False, results=None, extra=None, op="chain", clip=False,
+             checkpointing=False, fused=True, graphs=False, results=None, extra=None, op="chain", clip=True,
              rank_updates: bool | str = "sync-free", grads_in_place: bool = True, batched_entropy: bool = True,
              kernels: bool = True, stacked: bool = True, masked_adamw: bool = True, fused_entropy: bool = True,
              fold_kernels: bool = True):
@@ -215,7 +216,7 @@ def run_case(name, unet_fn, arch, batch, device, dtype, warmup, steps, kind, ran
             params = [p for p in unet.parameters() if p.requires_grad]
             for p in params:
                 p.data = p.data.float()  # fp32 adapter weights, as the diffusers training scripts cast them
-            step = train_step(unet, inputs, params, autocast, device, graphs=graphs)
+            step = train_step(unet, inputs, params, autocast, device, graphs=graphs, clip=clip)
         else:
             extra = {**({"max_rank": max(rank * 2, 8)} if method == "lora2" else {}), **(extra or {})}
             adapters = inject(unet, make_config(method, rank=rank, **extra))
@@ -291,7 +292,7 @@ def svd_timings(arch, device, dtype, rank, results):
 
 
 def ablation() -> list[tuple[str, dict]]:
-    """Where LoRA²'s extra time goes (CUDA graphs, rank 16), and what the trainer's clip adds to our LoRA."""
+    """Where LoRA²'s extra time goes (CUDA graphs, rank 16 and 64), and what the trainer's clip costs."""
     g = dict(kind="ours", rank=16, graphs=True)
     return [("floor bf16 graph", dict(kind="floor", graphs=True)),
             ("lora r16 graph", dict(method="lora", **g)),
@@ -318,8 +319,9 @@ def ablation() -> list[tuple[str, dict]]:
             ("lora2 r64 graph, torch form (no Triton kernels)", dict(method="lora2", kernels=False,
                                                                      **{**g, "rank": 64})),
             ("lora2 r64 graph, no rank updates", dict(method="lora2", rank_updates=False, **{**g, "rank": 64})),
-            ("lora2 r64 graph + clip", dict(method="lora2", clip=True, **{**g, "rank": 64})),
-            ("lora2 r64 graph + torch's clip", dict(method="lora2", clip="torch", **{**g, "rank": 64})),
+            ("lora r64 graph, no clip", dict(method="lora", clip=False, **{**g, "rank": 64})),
+            ("lora2 r64 graph, no clip", dict(method="lora2", clip=False, **{**g, "rank": 64})),
+            ("lora2 r64 graph, torch's clip", dict(method="lora2", clip="torch", **{**g, "rank": 64})),
             ("lora2 r16 graph, no rank updates", dict(method="lora2", rank_updates=False, **g)),
             ("lora2 r16 graph, max_rank 16", dict(method="lora2", extra={"max_rank": 16}, **g)),
             ("lora2 r16 graph, none of these", dict(method="lora2", rank_updates=False,
