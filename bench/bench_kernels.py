@@ -100,6 +100,7 @@ def run_cases(device: str, quick: bool) -> list[dict]:
         triton_ops._FUSED_FAILED.clear()  # a size an earlier case retired is tried again
         triton_ops._CHECKED.clear()  # each tile configuration meets its first-use check (triton_ops.verdict)
         triton_ops.ERRORS.clear()
+        triton_ops._TRIES.clear()
         try:
             for k, v in flags.items():
                 setattr(triton_ops, k, v)

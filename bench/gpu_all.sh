@@ -23,29 +23,31 @@ PART=${1:-all}
 K="kernel or fold or entropy or slot"  # the Triton kernels' gpu tests (kernel = torch form, trainer runs)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1
+rc() { local r=${PIPESTATUS[0]}; [[ $r == 0 ]] || echo "!! $1 exited $r (124: its timeout)"; }
 if [[ $PART == one ]]; then
-  timeout 240 python bench/bench_speed.py --only-graphs --arch sd15 sdxl --out "$OUT/speed" \
-    | grep -E "^\||layers|entropy|checks|Bars"
-  timeout 60 python bench/compile_kernels.py --out "$OUT/kernels.json" | tail -1
-  timeout 120 python bench/bench_kernels.py --out "$OUT/kernel_times" | grep "^|"
-  timeout 100 python bench/capture_check.py > "$OUT/capture_check.txt" 2>&1
+  timeout 240 python bench/bench_speed.py --only-graphs --arch sd15 sdxl --out "$OUT/speed" 2> "$OUT/speed.err" \
+    | grep -E "^\||layers|entropy|checks|Bars"; rc bench_speed
+  timeout 60 python bench/compile_kernels.py --out "$OUT/kernels.json" | tail -1; rc compile_kernels
+  timeout 120 python bench/bench_kernels.py --out "$OUT/kernel_times" | grep "^|"; rc bench_kernels
+  timeout 100 python bench/capture_check.py > "$OUT/capture_check.txt" 2>&1; rc capture_check
   grep -E "captured|FAILED" "$OUT/capture_check.txt"
   exit 0
 fi
 if [[ $PART == two ]]; then
   timeout 220 python bench/train_gpu.py --arch sd15 sdxl --rank 16 64 --steps 25 --floor --no-gc-sweep \
-      --step-modes cuda_graph --out "$OUT/train_graph.json" | grep "^{" | cut -c1-400
+      --step-modes cuda_graph --out "$OUT/train_graph.json" 2> "$OUT/train.err" | grep "^{" | cut -c1-400
+  rc train_gpu
   timeout 90 python bench/profile_trainer.py --arch sdxl --method lora2 --rank 16 --out "$OUT/trainer_profile" \
-    | grep "wall"
-  timeout 160 python bench/bench_speed.py --ablation --arch sdxl --match "lora2 r64" "tri_lora r64" \
-      --out "$OUT/ablation" | grep -E "^\||checks"
+    | grep "wall"; rc profile_trainer
+  timeout 160 python bench/bench_speed.py --ablation --arch sdxl --match "lora r64" "lora2 r64" \
+      --out "$OUT/ablation" 2> "$OUT/ablation.err" | grep -E "^\||checks"; rc ablation  # "lora r64": tri_lora's too
   exit 0
 fi
 if [[ $PART == three ]]; then
   timeout 250 python -m pytest -q -p no:cacheprovider -W ignore tests -m gpu -k "$K" > "$OUT/pytest_kernels.txt" 2>&1
-  tail -8 "$OUT/pytest_kernels.txt"
+  rc "pytest (kernels)"; tail -8 "$OUT/pytest_kernels.txt"
   timeout 320 python -m pytest -q -p no:cacheprovider -W ignore tests -m gpu -k "not ($K)" > "$OUT/pytest_gpu.txt" 2>&1
-  tail -8 "$OUT/pytest_gpu.txt"
+  rc "pytest (the rest)"; tail -8 "$OUT/pytest_gpu.txt"
   exit 0
 fi
 if [[ $PART == kernels || $PART == all ]]; then

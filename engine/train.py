@@ -304,7 +304,6 @@ def train(config: TrainConfig, emit: Emit | None = None, stop: threading.Event |
             runs.atomic_write_json(run / runs.CONFIG, config.to_dict())
     log = _Log(run, emit, main=main)
     s = None
-    triton_ops.take_notices()  # what earlier work in this process reported (it was warned then) is not this run's
     try:
         s = _setup(config, pipeline)
         # in one process outside compile, the factors' gradients go into .grad from the backward's own GEMMs (DDP's
@@ -320,6 +319,9 @@ def train(config: TrainConfig, emit: Emit | None = None, stop: threading.Event |
         log(ev.Started(str(run.path), s.step, s.total_steps, s.steps_per_epoch, config.method, resume, s.mode))
         if s.notice:
             log(ev.Notice(s.step, s.notice))
+        triton_ops.take_notices()  # those queued so far are among the active ones, told here once
+        for text in triton_ops.active_fallbacks():  # kernels on their torch form in this process, earlier runs' too
+            log(ev.Notice(s.step, text))
         state = _loop(s, config, run, log, stop)
         files = _finish(s, config, run, log, started) if state == "finished" else {}
         return RunResult(str(run.path), state, s.step, s.total_steps, files, time.time() - started)

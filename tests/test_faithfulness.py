@@ -1307,11 +1307,16 @@ def test_kernel_fused_entropy_failure_falls_back_to_the_row_kernels(kernel_devic
     assert not triton_ops.fused_entropy_ok(q, k)  # retired for these sizes
     q2 = _stacked_views(1, 200, 20, 2, 16, kernel_device, seed=0)[2:]
     assert triton_ops.fused_entropy_ok(*q2)  # other sizes keep the fused kernels
-    # inside a CUDA graph capture the failure propagates (the trainer then steps eagerly) and retires nothing
+    # inside a CUDA graph capture a kernel not yet checked at these shapes is not launched (nothing verified what
+    # the graph would replay): the buffer path goes in, nothing is retired
     monkeypatch.setattr(triton_ops, "_FUSED_FAILED", set())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     calls.clear()
+    assert all(torch.equal(a, b) for a, b in zip(run()[1], ref_grads, strict=True))
+    assert calls == [] and not triton_ops._FUSED_FAILED
+    # one that was (checks off here) and fails there propagates: the trainer then steps eagerly
+    monkeypatch.setattr(triton_ops, "CHECK_FIRST_USE", False)
     with pytest.raises(RuntimeError, match="out of resource"):
         run()
     assert calls == [1] and not triton_ops._FUSED_FAILED
@@ -1360,6 +1365,7 @@ def test_kernel_fold_equals_the_torch_form(kernel_device, out_dtype, monkeypatch
     from engine.adapters import triton_ops
     from engine.adapters.base import FoldVectors
 
+    monkeypatch.setattr(triton_ops, "CHECK_FIRST_USE", False)  # only the calls below (the check has its tests)
     gen = torch.Generator().manual_seed(11)
     n, d, r = 5, 300, 24  # 128 rows a program: 3 programs a layer, the last one part full
     ups0 = [torch.randn(d, r, generator=gen) for _ in range(n)]
@@ -1510,15 +1516,58 @@ def test_a_fold_kernel_with_wrong_values_is_caught_at_its_first_use(mode, monkey
             messages = [str(x.message) for x in seen if issubclass(x.category, RuntimeWarning)]
             for a, b in zip(got, want, strict=True):
                 assert torch.equal(a, b), (factor, attempt)
-            if factor == 1.5 and attempt == 0:
+            if factor == 1.5 and attempt == 0:  # each checked on random factors of the shape, then not used
                 assert calls == ["forward", "backward"]
                 assert len(messages) == 2 and "forward" in messages[0] and "backward" in messages[1]
                 assert all("against the torch form" in m and "0.5" in m for m in messages), messages
             elif factor == 1.5:
                 assert calls == [] and not messages  # that shape keeps the torch form
+            elif attempt == 0:  # the check's launch, then the real one
+                assert calls == ["forward", "forward", "backward", "backward"] and not messages
             else:
                 assert calls == ["forward", "backward"] and not messages
         assert all(ok == (factor == 1.0) for ok in triton_ops._CHECKED.values()) and len(triton_ops._CHECKED) == 2
+    assert len(triton_ops.active_fallbacks()) == 2  # the wrong kernel's forward and backward, kept for later runs
+
+
+@pytest.mark.parametrize("wrong", ["one row of one layer", "one layer 5% off", "the added part doubled"])
+def test_a_fold_kernel_wrong_in_one_place_is_caught(wrong, monkeypatch):
+    """The fold check runs the kernel on a few random layers of the launch shape (not on the group's own factors,
+    which may be zero at init) and compares layer by layer, B's gradient added into a .grad by its increment: an
+    error confined to one row of one layer, one layer 5% off, or in the added part (the real .grad here holds 50
+    everywhere) is caught, and the real launch then takes the torch form."""
+    from engine.adapters import triton_ops
+    from engine.adapters.base import FoldVectors
+
+    def fwd(ups, vecs, scale, dtype):
+        out = torch.stack(ups) * (vecs * scale)[:, None, :]
+        if wrong == "one row of one layer":
+            out[1, 3] = 0
+        elif wrong == "one layer 5% off":
+            out[2] *= 1.05
+        return out.to(dtype)
+
+    def bwd(g, ups, vecs, scale, need_up, need_vec, into=None, accumulate=True):
+        gup = g.float() * (vecs * scale)[:, None, :] * (2 if wrong == "the added part doubled" else 1)
+        gvec = (g.float() * torch.stack(ups)).sum(1) * scale if need_vec else None
+        for x, y in zip(into or [], gup.unbind(0), strict=False):
+            x.add_(y) if accumulate else x.copy_(y)
+        return (None if into is not None else gup), gvec
+
+    monkeypatch.setattr(triton_ops, "fold_ok", lambda ups, vecs: True)
+    monkeypatch.setattr(triton_ops, "fold_vectors", fwd)
+    monkeypatch.setattr(triton_ops, "fold_vectors_backward", bwd)
+    n, d, r = 40, 64, 8
+    ups = [torch.randn(d, r).requires_grad_() for _ in range(n)]
+    vecs = [torch.rand(r).requires_grad_() for _ in range(n)]
+    for t in ups:
+        t.grad = torch.full_like(t, 50.0)  # a large .grad already there
+    with pytest.warns(RuntimeWarning, match="fold kernel's (forward|backward)"):
+        out = FoldVectors.apply(0.5, torch.float32, n, True, *ups, *vecs)
+        out.sum().backward()
+    what = "backward" if wrong == "the added part doubled" else "forward"
+    assert [k[0] for k, ok in triton_ops._CHECKED.items() if not ok] == ["fold" if what == "forward"
+                                                                         else "fold_backward"]
 
 
 def test_kernel_check_figures(monkeypatch):
@@ -1554,7 +1603,41 @@ def test_kernel_check_figures(monkeypatch):
             assert ("d",) not in checked and triton_ops.to_check(("d",))
         assert triton_ops.verdict(("d",), "k", [torch.tensor(math.nan)], 0.05) is None
         assert checked[("d",)] is True and not triton_ops.to_check(("d",))
+        # trusted: a passed or unverified key, or an unchecked one outside a capture; not a failed one, nor an
+        # unchecked one inside a capture (nothing verified what the graph would replay)
+        assert triton_ops.trusted(("a",)) and triton_ops.trusted(("d",)) and not triton_ops.trusted(("b",))
+        assert triton_ops.trusted(("new",))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        assert not triton_ops.trusted(("new",)) and triton_ops.trusted(("a",)) and not triton_ops.to_check(("new",))
+        monkeypatch.setattr(triton_ops, "CHECK_FIRST_USE", False)
+        assert triton_ops.trusted(("new",))
         assert not triton_ops.to_check(("a",)) and not triton_ops.failed(("a",)) and triton_ops.failed(("b",))
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 3 * 77 * 50 * 4])
+def test_entropy_check_reference_is_the_entropy_and_its_gradient(budget, monkeypatch):
+    """_entropy_reference, which the fused kernels are checked against: H of softmax(scale k q^T) per (batch,
+    head, token) and w times its gradients for q and k, as float64 autograd gives them (w = -c scale for the loss
+    c sum H), whole or a few heads at a time (CHECK_MAP_BYTES: here 3 heads a chunk, the last one short)."""
+    from engine.adapters import lora2
+
+    monkeypatch.setattr(lora2, "CHECK_MAP_BYTES", budget)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 5, 50, 8, generator=g, dtype=torch.float64).requires_grad_()
+    k = torch.randn(2, 5, 7, 8, generator=g, dtype=torch.float64).requires_grad_()
+    scale, c = 0.4, 0.3
+    logp = torch.log_softmax(k @ q.transpose(-1, -2) * scale, -1)
+    ent = -(logp.exp() * logp).sum(-1)  # (2, 5, 7)
+    (c * ent.sum()).backward()
+    got, dq, dk = lora2._entropy_reference(q.detach().bfloat16(), k.detach().bfloat16(), scale,
+                                           torch.tensor(-c * scale))
+    bq, bk = q.detach().bfloat16().double(), k.detach().bfloat16().double()  # the same rounded inputs
+    logp = torch.log_softmax(bk @ bq.transpose(-1, -2) * scale, -1)
+    assert torch.allclose(got.double(), -(logp.exp() * logp).sum(-1).reshape(10, 7), atol=1e-5)
+    assert float((dq.double() - q.grad).norm() / q.grad.norm()) < 2e-2  # bf16 inputs against float64 ones
+    assert float((dk.double() - k.grad).norm() / k.grad.norm()) < 2e-2
+    assert dq.shape == q.shape and dk.shape == k.shape
 
 
 @pytest.mark.parametrize("stage", ["forward", "backward"])

@@ -428,7 +428,8 @@ def test_gradients_in_place_on_while_training_and_off_after(model, dataset, tmp_
 def test_a_kernel_that_fails_its_check_changes_nothing_but_a_notice(model, dataset, tmp_path, monkeypatch):
     """A fold kernel that computes wrong values on this machine (faked on the CPU: v taken 1.5x) is caught by its
     first-use check: the run's losses and exported adapter equal those of a run without it, and the user is told
-    (a Notice event, which the studio and the CLI show, also in the run folder's events)."""
+    (a Notice event, which the studio and the CLI show, also in the run folder's events), in this run and in the
+    process's later ones."""
     from engine.adapters import triton_ops
 
     cfg = dict(method="tri_lora", steps=3, rank_every=0, seed=1)
@@ -463,3 +464,7 @@ def test_a_kernel_that_fails_its_check_changes_nothing_but_a_notice(model, datas
     a, b = adapter_tensors(plain.run_dir), adapter_tensors(faked.run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not triton_ops.take_notices()  # the run took them all
+    # a later run in the same process (the studio's next one) keeps the torch form there, and is told so too
+    later = []
+    train(config(model, dataset, tmp_path / "later", **{**cfg, "steps": 1}), emit=later.append)
+    assert {e.message for e in later if isinstance(e, ev.Notice)} == {e.message for e in notices}

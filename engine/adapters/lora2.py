@@ -350,9 +350,16 @@ def _softmax_dtype(q: torch.Tensor) -> torch.dtype:
 
 def _fused(fn, qs, ks, *args, check=None, rtol: float = 0.0, what: str = ""):
     """fn(qs, ks, *args), a fused entropy kernel, or None where it raised outside a graph capture (these sizes
-    could not compile or get their resources on this GPU: triton_ops.fused_failed warns and retires them) or
-    where its first result at these shapes is not within rtol of the torch form: check(out) -> one
-    triton_ops.rel_error per layer (see _entropy_reference); what names the kernel in the warning."""
+    could not compile or get their resources on this GPU: triton_ops.fused_failed warns and retires them), where
+    its first result at these shapes is not within rtol of the torch maths (check(out) -> one triton_ops.rel_error
+    per layer, see _entropy_reference; what names the kernel in the warning), or inside a capture before any
+    check (triton_ops.trusted: the score-buffer path goes into the graph instead)."""
+    key = None
+    if check is not None:
+        key = ("entropy", what, qs[0].device, qs[0].dtype, qs[0].shape, ks[0].shape, qs[0].stride(),
+               ks[0].stride(), len(qs))
+        if not triton_ops.to_check(key) and not triton_ops.trusted(key):
+            return None
     try:
         out = fn(qs, ks, *args)
     except torch.OutOfMemoryError:
@@ -362,9 +369,7 @@ def _fused(fn, qs, ks, *args, check=None, rtol: float = 0.0, what: str = ""):
             raise  # the trainer falls back to eager steps, which come back here
         triton_ops.fused_failed(qs[0], ks[0], e)
         return None
-    key = ("entropy", what, qs[0].device, qs[0].dtype, qs[0].shape, ks[0].shape, qs[0].stride(),
-           ks[0].stride(), len(qs))
-    if check is not None and triton_ops.to_check(key):
+    if key is not None and triton_ops.to_check(key):
         wrong = triton_ops.verdict(key, what, check(out), rtol)
         if wrong:
             triton_ops.fused_failed(qs[0], ks[0], ValueError(wrong))
@@ -372,18 +377,33 @@ def _fused(fn, qs, ks, *args, check=None, rtol: float = 0.0, what: str = ""):
     return out
 
 
+CHECK_MAP_BYTES = 16 << 20  # fp32 score maps per chunk of heads in _entropy_reference (transient, first use only)
+
+
 def _entropy_reference(q: torch.Tensor, k: torch.Tensor, scale: float, w: torch.Tensor | None = None):
     """One layer's row entropies of softmax(scale k q^T) over image positions from fp32 copies of q (B, h, N, hd)
     and k (B, h, T, hd) -> (H (B * h, T), and with w the gradients w g^T k and w g q, g = p (log p + H), shaped as
-    q and k): the plain torch maths the fused kernels are checked against at their first use."""
-    qf, kf = q.float(), k.float()
-    logp = torch.log_softmax(torch.matmul(kf, qf.transpose(-1, -2)) * scale, -1)
-    p = logp.exp()
-    ent = -(p * logp).sum(-1)
+    q and k): the plain torch maths the fused kernels are checked against at their first use, a few heads at a
+    time (maps of at most CHECK_MAP_BYTES each: the forward's check runs while the step's activations are held)."""
+    b, h, n, hd = q.shape
+    t = k.shape[2]
+    qf, kf = q.reshape(b * h, n, hd), k.reshape(b * h, t, hd)
+    step = max(1, CHECK_MAP_BYTES // (t * n * 4))
+    ents, dqs, dks = [], [], []
+    for i in range(0, b * h, step):
+        qc, kc = qf[i:i + step].float(), kf[i:i + step].float()
+        logp = torch.log_softmax(torch.bmm(kc, qc.transpose(1, 2)) * scale, -1)
+        p = logp.exp()
+        ent = -(p * logp).sum(-1)
+        ents.append(ent)
+        if w is not None:
+            g = p.mul_(logp.add_(ent[..., None]))
+            dqs.append(torch.bmm(g.transpose(1, 2), kc) * w)
+            dks.append(torch.bmm(g, qc) * w)
+    ent = torch.cat(ents)
     if w is None:
-        return ent.reshape(-1, ent.shape[-1]), None, None
-    g = p.mul_(logp.add_(ent[..., None]))
-    return ent.reshape(-1, ent.shape[-1]), torch.matmul(g.transpose(-1, -2), kf) * w, torch.matmul(g, qf) * w
+        return ent, None, None
+    return ent, torch.cat(dqs).view(b, h, n, hd), torch.cat(dks).view(b, h, t, hd)
 
 
 def _forward_errors(qs, ks, scale: float):

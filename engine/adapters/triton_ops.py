@@ -33,13 +33,22 @@ except ImportError:  # pragma: no cover - depends on the install
 
 _WORKS: dict[torch.device, bool] = {}  # per device: did a first kernel compile and launch?
 _NOTICES: list[str] = []  # fallbacks not yet taken by the trainer (take_notices), which logs them for the user
+_ACTIVE: list[str] = []  # every fallback in effect in this process: a later run there is told too
 
 
 def fall_back(message: str, stacklevel: int = 2) -> None:
-    """A kernel gives way to its torch form (slower, same maths): a RuntimeWarning, and the message queued for the
-    trainer's run log (engine.train turns it into a Notice event: the studio and the CLI show it)."""
+    """A kernel gives way to its torch form (slower, same maths) from now on in this process: a RuntimeWarning,
+    and the message queued for the trainer's run log (engine.train turns it into a Notice event: the studio and
+    the CLI show it) and kept for the runs after it (active_fallbacks)."""
     warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
     _NOTICES.append(message)
+    if message not in _ACTIVE:
+        _ACTIVE.append(message)
+
+
+def active_fallbacks() -> list[str]:
+    """Every fallback message of this process so far (each kernel and shape stays on its torch form)."""
+    return list(_ACTIVE)
 
 
 def take_notices() -> list[str]:
@@ -270,6 +279,16 @@ def to_check(key: tuple) -> bool:
     return CHECK_FIRST_USE and key not in _CHECKED and not capturing()
 
 
+def trusted(key: tuple) -> bool:
+    """Whether the kernel may run at this launch key: checks are off, or its check passed, or it has not been
+    checked yet outside a CUDA graph capture (the check comes at a later launch: see verdict). Inside a capture
+    an unchecked kernel is not trusted: nothing verified what the graph would replay, so the torch form goes in."""
+    if not CHECK_FIRST_USE:
+        return True
+    ok = _CHECKED.get(key)
+    return not capturing() if ok is None else ok
+
+
 def failed(key: tuple) -> bool:
     """Whether the kernel at this launch key gave wrong values at its check: the caller uses its torch form."""
     return _CHECKED.get(key) is False
@@ -281,6 +300,8 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     factors at their init, say: a wrong kernel could give zero there too). In fp32 after dividing both by
     max |want|, so that tiny gradients (LoRA²'s entropy term, ~1e-12) neither underflow to a zero norm nor need a
     float64 copy."""
+    if want.numel() == 0:
+        return torch.full((), math.nan, device=want.device)
     got, want = got.float(), want.float()
     top = want.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
     diff, norm = (got - want).div_(top).norm(), (want / top).norm()
