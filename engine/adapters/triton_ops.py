@@ -14,6 +14,9 @@
 
 Every kernel has a torch equivalent in the caller, used on the CPU, without Triton, and for float64 (the tests);
 `ENABLED = False` forces the torch form everywhere (the bench's ablation). The GPU tests check kernel = torch form.
+The fold and fused-entropy kernels are also checked against their torch form at each launch shape's first use in
+a process (to_check, verdict, trusted; their callers in base.py and lora2.py): a GPU, driver or Triton version
+that compiles them wrong gets the torch form there and a notice for the user (fall_back), not wrong gradients.
 """
 from __future__ import annotations
 
