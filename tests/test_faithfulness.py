@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -1568,6 +1569,35 @@ def test_a_fold_kernel_wrong_in_one_place_is_caught(wrong, monkeypatch):
     what = "backward" if wrong == "the added part doubled" else "forward"
     assert [k[0] for k, ok in triton_ops._CHECKED.items() if not ok] == ["fold" if what == "forward"
                                                                          else "fold_backward"]
+
+
+def test_a_fold_kernel_that_cannot_run_at_some_sizes_leaves_them_to_torch(monkeypatch):
+    """A fold kernel that raises at its check (cannot compile or get its resources at these sizes on some GPU)
+    warns once and leaves that shape to the torch form (same values); other shapes keep the kernel."""
+    from engine.adapters import triton_ops
+    from engine.adapters.base import FoldVectors
+
+    calls = []
+
+    def fwd(ups, vecs, scale, dtype):
+        calls.append(ups[0].shape)
+        if ups[0].shape[0] == 30:
+            raise RuntimeError("out of resource: shared memory")
+        return (torch.stack(ups) * (vecs * scale)[:, None, :]).to(dtype)
+
+    monkeypatch.setattr(triton_ops, "fold_ok", lambda ups, vecs: True)
+    monkeypatch.setattr(triton_ops, "fold_vectors", fwd)
+    for i, rows in enumerate((30, 30, 20)):
+        ups = [torch.randn(rows, 4) for _ in range(2)]
+        vecs = [torch.rand(4) for _ in range(2)]
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = FoldVectors.apply(0.5, torch.float32, 2, False, *ups, *vecs)
+        assert torch.equal(out, (torch.stack(ups) * (torch.stack(vecs) * 0.5)[:, None, :]))
+        msgs = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
+        assert len(msgs) == (1 if i == 0 else 0), msgs  # the first at 30 rows only
+        assert all("could not run (RuntimeError: out of resource: shared memory)" in m for m in msgs)
+    assert calls == [torch.Size([30, 4]), torch.Size([20, 4]), torch.Size([20, 4])]  # 30 rows: tried once
 
 
 def test_kernel_check_figures(monkeypatch):

@@ -435,11 +435,18 @@ def _fold_backward_trusted(up: torch.Tensor, gdtype: torch.dtype, scale: float, 
 
 def _kernel_trusted(key: tuple, what: str, errors, rtol: float) -> bool:
     """The first-use check of a fold kernel at this launch key (errors() -> its figures; see _fold_trusted): a
-    failure warns, and is told to the user in the run's notices (triton_ops.fall_back)."""
+    kernel that computes wrong values or raises there (cannot compile or get its resources at these sizes) leaves
+    that shape to the torch form, with a warning and a notice in the run (triton_ops.fall_back)."""
     if triton_ops.failed(key):
         return False
     if triton_ops.to_check(key):
-        wrong = triton_ops.verdict(key, f"the fold kernel's {what} at {tuple(key[2])}", errors(), rtol)
+        name = f"the fold kernel's {what} at {tuple(key[2])}"
+        try:
+            wrong = triton_ops.verdict(key, name, errors(), rtol)
+        except torch.OutOfMemoryError:
+            raise  # not the kernel's fault
+        except Exception as e:  # noqa: BLE001 - a compile or resource failure at these sizes: the torch form
+            wrong = triton_ops.reject(key, name, e)
         if wrong:
             triton_ops.fall_back(f"{wrong} on {key[1]}: using the torch form there", stacklevel=4)
             return False

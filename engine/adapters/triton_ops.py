@@ -317,6 +317,13 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
 CHECK_TRIES = 3  # launches a key is checked at while its figures say nothing (NaN), before it is trusted
 
 
+def reject(key: tuple, what: str, error: Exception) -> str:
+    """Records that the kernel at this launch key raised at its check (it could not compile or get its resources
+    at these sizes on this GPU): the torch form there from now on. Returns what went wrong, for the warning."""
+    _CHECKED[key] = False
+    return f"{what} could not run ({type(error).__name__}: {str(error)[:200]})"
+
+
 def verdict(key: tuple, what: str, errors: list[torch.Tensor], rtol: float) -> str | None:
     """Records the check of a kernel's first result at this launch key from its rel_error figures (one host
     sync): None when all are within rtol, else what went wrong, for the caller's warning. A GPU, driver or Triton
