@@ -1192,7 +1192,6 @@ def test_kernel_lora2_step_with_fused_entropy_equals_the_torch_form(kernel_devic
 
     from engine.adapters import triton_ops
 
-    monkeypatch.setattr(triton_ops, "_FUSED_FAILED", set())
     x, t, c = inputs()
     calls = []
     real = triton_ops.attn_entropy
@@ -1262,6 +1261,17 @@ def test_kernel_entropy_gradients_survive_fp16(kernel_device, monkeypatch):
                 assert float((got - want).norm() / want.norm()) < 0.05, path
 
 
+def _two_layer_entropies(shape, device):
+    """batched_token_entropies of two stacked-view layers of this shape and their backward -> (the entropies,
+    the q and k buffers' gradients)."""
+    from engine.adapters.lora2 import batched_token_entropies
+
+    views = [_stacked_views(*shape, device, seed=i) for i in range(2)]
+    ent = batched_token_entropies([(qv, kv, 0.3) for _, _, qv, kv in views])
+    torch.autograd.backward(ent, [torch.ones_like(e) for e in ent])
+    return torch.stack(ent).detach(), [t.grad.clone() for v in views for t in v[:2]]
+
+
 @pytest.mark.parametrize("stage", ["forward", "backward"])
 @pytest.mark.parametrize("kernel_device", _kernel_params(), indirect=True)
 def test_kernel_fused_entropy_failure_falls_back_to_the_row_kernels(kernel_device, stage, monkeypatch):
@@ -1269,16 +1279,9 @@ def test_kernel_fused_entropy_failure_falls_back_to_the_row_kernels(kernel_devic
     GroupEntropy warns once and computes the same values and gradients through the score buffer and row kernels,
     and those sizes skip the fused kernels from then on; other sizes keep them."""
     from engine.adapters import lora2, triton_ops
-    from engine.adapters.lora2 import batched_token_entropies
 
-    monkeypatch.setattr(triton_ops, "_FUSED_FAILED", set())
     shape = (1, 200, 77, 2, 16)
-
-    def run():
-        views = [_stacked_views(*shape, kernel_device, seed=i) for i in range(2)]
-        ent = batched_token_entropies([(qv, kv, 0.3) for _, _, qv, kv in views])
-        torch.autograd.backward(ent, [torch.ones_like(e) for e in ent])
-        return torch.stack(ent).detach(), [t.grad.clone() for v in views for t in v[:2]]
+    run = functools.partial(_two_layer_entropies, shape, kernel_device)
 
     monkeypatch.setattr(triton_ops, "FUSED_ENTROPY", False)
     ref_ent, ref_grads = run()  # the row kernels
@@ -1423,7 +1426,6 @@ def test_kernel_trainer_runs_equal_the_torch_form(kernel_device, precision, tmp_
     model = str(save_tiny_pipeline(tmp_path / "tiny-sd"))
     data = str(make_image_folder(tmp_path / "ds", n=4))
     calls = []
-    monkeypatch.setattr(triton_ops, "_CHECKED", {})
     for name in ("fold_vectors_backward", "resize_slots", "attn_entropy", "row_entropy"):
         real = getattr(triton_ops, name)
         monkeypatch.setattr(triton_ops, name, functools.partial(
@@ -1615,34 +1617,31 @@ def test_kernel_check_figures(monkeypatch):
     assert math.isnan(triton_ops.rel_error(want, torch.tensor([float("inf"), 4.0])))  # no verdict on bad inputs
     tiny = torch.tensor([3e-30, 4e-30])  # squares below fp32's smallest normal: still measured, not 0 / 0
     assert float(triton_ops.rel_error(tiny * 1.1, tiny)) == pytest.approx(0.1, rel=1e-4)
-    checked = {}
-    import unittest.mock
-    with unittest.mock.patch.object(triton_ops, "_CHECKED", checked):
-        assert triton_ops.to_check(("a",))
-        assert triton_ops.verdict(("a",), "k", [torch.tensor(0.01), torch.tensor(0.02)], 0.05) is None
-        wrong = triton_ops.verdict(("b",), "k", [torch.tensor(0.01), torch.tensor(math.inf)], 0.05)
-        assert wrong == "k: relative error inf against the torch form (tolerance 0.05)"
-        assert checked == {("a",): True, ("b",): False}
-        # NaN figures are ignored: the others decide (inf: wrong) ...
-        assert triton_ops.verdict(("c",), "k", [torch.tensor(math.inf), torch.tensor(math.nan)], 0.05)
-        assert checked[("c",)] is False
-        # ... and where all say nothing, the key is checked again at its next launches, then trusted
-        monkeypatch.setattr(triton_ops, "_TRIES", {})
-        for _ in range(triton_ops.CHECK_TRIES - 1):
-            assert triton_ops.verdict(("d",), "k", [torch.tensor(math.nan)], 0.05) is None
-            assert ("d",) not in checked and triton_ops.to_check(("d",))
+    checked = triton_ops._CHECKED  # empty at the start of each test (conftest)
+    assert triton_ops.to_check(("a",))
+    assert triton_ops.verdict(("a",), "k", [torch.tensor(0.01), torch.tensor(0.02)], 0.05) is None
+    wrong = triton_ops.verdict(("b",), "k", [torch.tensor(0.01), torch.tensor(math.inf)], 0.05)
+    assert wrong == "k: relative error inf against the torch form (tolerance 0.05)"
+    assert checked == {("a",): True, ("b",): False}
+    # NaN figures are ignored: the others decide (inf: wrong) ...
+    assert triton_ops.verdict(("c",), "k", [torch.tensor(math.inf), torch.tensor(math.nan)], 0.05)
+    assert checked[("c",)] is False
+    # ... and where all say nothing, the key is checked again at its next launches, then trusted
+    for _ in range(triton_ops.CHECK_TRIES - 1):
         assert triton_ops.verdict(("d",), "k", [torch.tensor(math.nan)], 0.05) is None
-        assert checked[("d",)] is True and not triton_ops.to_check(("d",))
-        # trusted: a passed or unverified key, or an unchecked one outside a capture; not a failed one, nor an
-        # unchecked one inside a capture (nothing verified what the graph would replay)
-        assert triton_ops.trusted(("a",)) and triton_ops.trusted(("d",)) and not triton_ops.trusted(("b",))
-        assert triton_ops.trusted(("new",))
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-        assert not triton_ops.trusted(("new",)) and triton_ops.trusted(("a",)) and not triton_ops.to_check(("new",))
-        monkeypatch.setattr(triton_ops, "CHECK_FIRST_USE", False)
-        assert triton_ops.trusted(("new",))
-        assert not triton_ops.to_check(("a",)) and not triton_ops.failed(("a",)) and triton_ops.failed(("b",))
+        assert ("d",) not in checked and triton_ops.to_check(("d",))
+    assert triton_ops.verdict(("d",), "k", [torch.tensor(math.nan)], 0.05) is None
+    assert checked[("d",)] is True and not triton_ops.to_check(("d",))
+    # trusted: a passed or unverified key, or an unchecked one outside a capture; not a failed one, nor an
+    # unchecked one inside a capture (nothing verified what the graph would replay)
+    assert triton_ops.trusted(("a",)) and triton_ops.trusted(("d",)) and not triton_ops.trusted(("b",))
+    assert triton_ops.trusted(("new",))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not triton_ops.trusted(("new",)) and triton_ops.trusted(("a",)) and not triton_ops.to_check(("new",))
+    monkeypatch.setattr(triton_ops, "CHECK_FIRST_USE", False)
+    assert triton_ops.trusted(("new",))
+    assert not triton_ops.to_check(("a",)) and not triton_ops.failed(("a",)) and triton_ops.failed(("b",))
 
 
 @pytest.mark.parametrize("budget", [1 << 30, 3 * 77 * 50 * 4])
@@ -1677,17 +1676,9 @@ def test_kernel_fused_entropy_with_wrong_values_is_caught_at_its_first_use(kerne
     gradients 10% high) fails its first-use check against the torch maths: one warning, the score buffer and row
     kernels' values and gradients, and those sizes retired; the real kernels pass their checks."""
     from engine.adapters import triton_ops
-    from engine.adapters.lora2 import batched_token_entropies
 
-    monkeypatch.setattr(triton_ops, "_FUSED_FAILED", set())
-    monkeypatch.setattr(triton_ops, "_CHECKED", {})
     shape = (1, 200, 77, 2, 16)
-
-    def run():
-        views = [_stacked_views(*shape, kernel_device, seed=i) for i in range(2)]
-        ent = batched_token_entropies([(qv, kv, 0.3) for _, _, qv, kv in views])
-        torch.autograd.backward(ent, [torch.ones_like(e) for e in ent])
-        return torch.stack(ent).detach(), [t.grad.clone() for v in views for t in v[:2]]
+    run = functools.partial(_two_layer_entropies, shape, kernel_device)
 
     monkeypatch.setattr(triton_ops, "FUSED_ENTROPY", False)
     ref_ent, ref_grads = run()  # the row kernels

@@ -450,7 +450,6 @@ def test_a_kernel_that_fails_its_check_changes_nothing_but_a_notice(model, datas
     monkeypatch.setattr(triton_ops, "fold_ok", lambda ups, vecs: True)
     monkeypatch.setattr(triton_ops, "fold_vectors", wrong_fwd)
     monkeypatch.setattr(triton_ops, "fold_vectors_backward", wrong_bwd)
-    monkeypatch.setattr(triton_ops, "_CHECKED", {})
     events = []
     with pytest.warns(RuntimeWarning, match="against the torch form"):
         faked = train(config(model, dataset, tmp_path / "faked", **cfg), emit=events.append)

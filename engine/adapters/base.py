@@ -464,12 +464,14 @@ def _fold_backward_kernel(ctx, g, ups, vecs, need_up: bool, need_vec: bool):
     into, accumulate = None, True
     if need_up and ctx.into[0]:
         if all(x is None for x in grads):
-            into, accumulate = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in ups], False
+            into, accumulate = [], False  # tensors of their own, made once the kernel is trusted
         elif all(x is not None and x.dtype == torch.float32 and x.is_contiguous() and x.shape == ups[0].shape
                  for x in grads) and triton_ops.aligned(grads):
             into = grads
     if not _fold_backward_trusted(ups[0], g.dtype, ctx.scale, need_up, need_vec, into is not None, accumulate):
         return None
+    if into is not None and not into:
+        into = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in ups]
     gup, gvec = triton_ops.fold_vectors_backward(g, ups, torch.stack(vecs), ctx.scale, need_up, need_vec, into,
                                                  accumulate)
     if into is not None and not accumulate:
